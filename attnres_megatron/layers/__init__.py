@@ -1,0 +1,1 @@
+"""Megatron-Core modules for Attention Residuals."""

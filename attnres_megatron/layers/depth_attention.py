@@ -1,0 +1,38 @@
+"""Depth attention: one sublayer's softmax mix over earlier representations."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from megatron.core.transformer.module import MegatronModule
+
+from attnres_megatron.config import AttnResTransformerConfig
+from attnres_megatron.layers.norms import _param_device
+from attnres_megatron.ops import aggregate, aggregate_reference
+
+
+class DepthAttention(MegatronModule):
+    """Mix sources with ``softmax_i(w . (g * v_i / rms(v_i)))``.
+
+    ``pseudo_query`` (w) starts at zero, so an untrained module returns the mean of its
+    sources; ``key_gain`` (g) starts at one. Both are replicated across tensor-parallel
+    ranks and tagged ``sequence_parallel`` so Megatron all-reduces their gradients when
+    the sequence is split across those ranks.
+    """
+
+    def __init__(self, config: AttnResTransformerConfig, **_: object):
+        super().__init__(config=config)
+        device = _param_device(config)
+        shape = (config.hidden_size,)
+        self.pseudo_query = torch.nn.Parameter(torch.zeros(shape, dtype=config.params_dtype, device=device))
+        self.key_gain = torch.nn.Parameter(torch.ones(shape, dtype=config.params_dtype, device=device))
+        for param in (self.pseudo_query, self.key_gain):
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        self.eps = config.attn_res_eps
+        self._aggregate = aggregate_reference if config.attn_res_impl == "reference" else aggregate
+
+    def forward(self, sources: Sequence[Tensor]) -> Tensor:
+        return self._aggregate(sources, self.pseudo_query, self.key_gain, self.eps)

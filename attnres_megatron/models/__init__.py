@@ -1,0 +1,1 @@
+"""AttnRes models and layer specs."""
