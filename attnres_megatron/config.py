@@ -25,9 +25,7 @@ def resolve_sublayers_per_block(
     Returns ``None`` for mode ``none``.
     """
     if mode not in ATTN_RES_MODES:
-        raise ValueError(
-            f"--attention-residuals must be one of {', '.join(ATTN_RES_MODES)}; got {mode!r}."
-        )
+        raise ValueError(f"--attention-residuals must be one of {', '.join(ATTN_RES_MODES)}; got {mode!r}.")
     given = {
         "--attn-res-block-size": block_size,
         "--attn-res-layers-per-block": layers_per_block,
@@ -122,8 +120,7 @@ class AttnResTransformerConfig(TransformerConfig):
             raise ValueError(f"--attn-res-eps must be > 0; got {self.attn_res_eps}.")
         if self.attn_res_impl not in ATTN_RES_IMPLS:
             raise ValueError(
-                f"--attn-res-impl must be one of {', '.join(ATTN_RES_IMPLS)}; "
-                f"got {self.attn_res_impl!r}."
+                f"--attn-res-impl must be one of {', '.join(ATTN_RES_IMPLS)}; got {self.attn_res_impl!r}."
             )
         unsupported = {
             "apply_residual_connection_post_layernorm": (

@@ -17,7 +17,7 @@ available, so the GPU path always stays stock Megatron-Core.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
-
 from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
 
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.norms import _param_device
@@ -30,7 +29,7 @@ class DepthAttention(MegatronModule):
         self.pseudo_query = torch.nn.Parameter(torch.zeros(shape, dtype=config.params_dtype, device=device))
         self.key_gain = torch.nn.Parameter(torch.ones(shape, dtype=config.params_dtype, device=device))
         for param in (self.pseudo_query, self.key_gain):
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
         self.eps = config.attn_res_eps
         self._aggregate = aggregate_reference if config.attn_res_impl == "reference" else aggregate
 

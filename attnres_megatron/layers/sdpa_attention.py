@@ -10,13 +10,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
 
 
 class SDPACoreAttention(DotProductAttention):
@@ -60,4 +58,3 @@ class SDPACoreAttention(DotProductAttention):
         # [b, n, s, d] -> [s, b, n * d]
         context = context.permute(2, 0, 1, 3).contiguous()
         return context.view(context.shape[0], context.shape[1], -1)
-

@@ -5,11 +5,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
-from torch import Tensor
-
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
+from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState
@@ -29,7 +28,7 @@ class AttnResTransformerBlock(TransformerBlock):
         self._build_attn_res()
 
     @classmethod
-    def adopt(cls, block: TransformerBlock) -> "AttnResTransformerBlock":
+    def adopt(cls, block: TransformerBlock) -> AttnResTransformerBlock:
         """Turn an already-built ``TransformerBlock`` into this class in place (no rebuild)."""
         block.__class__ = cls
         block._build_attn_res()
@@ -81,9 +80,7 @@ class AttnResTransformerBlock(TransformerBlock):
         state = DepthState.from_embedding(hidden_states)
 
         rng_context = (
-            tensor_parallel.get_cuda_rng_tracker().fork()
-            if self.config.sequence_parallel
-            else nullcontext()
+            tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         )
         outer_quantization, per_layer_quantization = self._quantization_contexts()
         with rng_context, outer_quantization:

@@ -49,7 +49,9 @@ def resolve_transformer_impl(transformer_impl: str) -> str:
 
 def with_attention_residuals(layer_spec: ModuleSpec) -> ModuleSpec:
     """Return a copy of a ``TransformerLayer`` spec that builds an AttnRes layer instead."""
-    fields = {f.name: getattr(layer_spec.submodules, f.name) for f in dataclasses.fields(layer_spec.submodules)}
+    fields = {
+        f.name: getattr(layer_spec.submodules, f.name) for f in dataclasses.fields(layer_spec.submodules)
+    }
     return ModuleSpec(
         module=AttnResTransformerLayer,
         params=dict(layer_spec.params),

@@ -7,7 +7,7 @@ extra ``[s, b, h]`` activation is saved per sublayer.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

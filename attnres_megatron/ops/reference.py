@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -13,9 +13,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def aggregate_reference(
-    sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float
-) -> Tensor:
+def aggregate_reference(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float) -> Tensor:
     """Softmax over depth of ``query . (gain * v / rms(v))``, mixing raw sources ``v``.
 
     ``sources`` are tensors of one shape ``[..., h]``; returns the mix in the first

@@ -1,0 +1,1 @@
+"""Training driver: arguments, data, distributed setup and the pretraining loop."""

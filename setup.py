@@ -1,0 +1,37 @@
+"""attnres-megatron: Attention Residuals for Megatron-Core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="attnres-megatron",
+    version="0.1.0",
+    description="Attention Residuals (arXiv 2603.15031) for Megatron-Core training",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["attnres_megatron", "attnres_megatron.*"]),
+    install_requires=[
+        # CPU machines install the pinned CPU build first (constraints/cpu.txt); GPU
+        # machines keep the CUDA build of torch they already have.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "mpi": ["mpi4py"],
+        "tensorboard": ["tensorboard"],
+        "triton": ["triton"],
+        "fla": ["flash-linear-attention"],
+        "test": ["pytest", "pytest-timeout", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "attnres-pretrain=attnres_megatron.training.pretrain:main",
+        ]
+    },
+)

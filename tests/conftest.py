@@ -1,0 +1,46 @@
+"""Shared fixtures: one single-rank gloo process group for the in-process tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A world of one process with Megatron's parallel state and the CPU backend."""
+    from megatron.core import parallel_state
+
+    from attnres_megatron.training.distributed import initialize_parallel
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+    initialize_parallel("cpu", seed=1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def reseed(single_rank):
+    """Reseed torch and Megatron's RNG tracker so each model build starts identically."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    def _reseed(seed: int = 1234) -> None:
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+    return _reseed
