@@ -1,0 +1,237 @@
+"""CPU benchmark of AttnRes depth aggregation (forward + backward) against baselines.
+
+Variants, each timed as one forward plus one backward with a fixed random upstream gradient:
+
+* ``production``: ``attnres_megatron.ops.aggregate`` (memory-lean custom autograd Function);
+* ``reference``: ``attnres_megatron.ops.aggregate_reference`` (plain autograd);
+* ``residual_add_n``: ``sources[0] + ... + sources[n-1]`` (standard residual stream, n sources);
+* ``residual_add_2``: ``h + o`` (one add: the per-sublayer cost of a standard residual).
+
+Example: ``python tools/bench_aggregate.py --dtypes fp32 bf16 --output bench_aggregate.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from attnres_megatron.ops import aggregate, aggregate_reference  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("production", "reference", "residual_add_n", "residual_add_2")
+EPS = 1e-6
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length s")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size b")
+    parser.add_argument("--hidden", type=int, default=2304, help="hidden size h")
+    parser.add_argument(
+        "--sources", type=int, nargs="+", default=list(range(2, 11)), help="source counts n"
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 7; 5 quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="CI-scale shapes (seq 256, hidden 512) and fewer runs"
+    )
+    parser.add_argument("--output", type=Path, default=Path("bench_aggregate.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seq, args.hidden = min(args.seq, 256), min(args.hidden, 512)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 7
+    if args.warmup is None:
+        args.warmup = 1
+    if args.repeats < 1 or args.warmup < 0 or min(args.sources) < 1:
+        parser.error("need --repeats >= 1, --warmup >= 0 and source counts >= 1")
+    return args
+
+
+def dtype_support(dtype: torch.dtype) -> str | None:
+    """``None`` if a small matmul plus backward runs in ``dtype`` on this CPU, else the error."""
+    try:
+        a = torch.randn(16, 16, dtype=dtype, requires_grad=True)
+        (a @ a).float().sum().backward()
+    except (RuntimeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def make_step(
+    variant: str, sources: list[Tensor], query: Tensor, gain: Tensor, grad_out: Tensor
+) -> Callable[[], None]:
+    """One forward + backward of ``variant``; grads are returned, never accumulated."""
+    if variant == "production":
+        inputs = (query, gain, *sources)
+
+        def forward() -> Tensor:
+            return aggregate(sources, query, gain, EPS)
+    elif variant == "reference":
+        inputs = (query, gain, *sources)
+
+        def forward() -> Tensor:
+            return aggregate_reference(sources, query, gain, EPS)
+    elif variant == "residual_add_n":
+        inputs = tuple(sources)
+
+        def forward() -> Tensor:
+            out = sources[0]
+            for source in sources[1:]:
+                out = out + source
+            return out
+    elif variant == "residual_add_2":
+        inputs = (sources[0], sources[1 % len(sources)])
+
+        def forward() -> Tensor:
+            return inputs[0] + inputs[1]
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+
+    def step() -> None:
+        torch.autograd.grad(forward(), inputs, grad_out)
+
+    return step
+
+
+def time_step(step: Callable[[], None], repeats: int, warmup: int) -> dict[str, float]:
+    """Median / min / p90 wall time in milliseconds."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "p90_ms": p90}
+
+
+def bench_dtype(args: argparse.Namespace, name: str) -> list[dict]:
+    """Rows (one per source count) for one dtype."""
+    dtype = DTYPES[name]
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (args.seq, args.batch, args.hidden)
+    pool = [torch.randn(shape, generator=gen).to(dtype) for _ in range(max(args.sources))]
+    query = (0.02 * torch.randn(args.hidden, generator=gen)).requires_grad_()
+    gain = (1.0 + 0.1 * torch.randn(args.hidden, generator=gen)).requires_grad_()
+    grad_out = torch.randn(shape, generator=gen).to(dtype)
+    rows = []
+    for n in args.sources:
+        sources = [t.requires_grad_() for t in pool[:n]]
+        row: dict = {"dtype": name, "n": n}
+        for variant in VARIANTS:
+            step = make_step(variant, sources, query, gain, grad_out)
+            row[variant] = time_step(step, args.repeats, args.warmup)
+        prod = row["production"]["median_ms"]
+        row["ratio_production_vs_reference"] = prod / row["reference"]["median_ms"]
+        row["ratio_production_vs_residual_add_n"] = prod / row["residual_add_n"]["median_ms"]
+        row["ratio_production_vs_residual_add_2"] = prod / row["residual_add_2"]["median_ms"]
+        rows.append(row)
+        print(f"  {name} n={n}: production {prod:.2f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """Readable table of medians and ratios."""
+    lines = [
+        "| dtype | n | production ms | reference ms | residual_add_n ms | residual_add_2 ms "
+        "| prod/ref | prod/add_n | prod/add_2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [row["dtype"], str(row["n"])]
+        cells += [f"{row[v]['median_ms']:.2f}" for v in VARIANTS]
+        cells += [
+            f"{row['ratio_production_vs_reference']:.2f}",
+            f"{row['ratio_production_vs_residual_add_n']:.2f}",
+            f"{row['ratio_production_vs_residual_add_2']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, write JSON, print a markdown table."""
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(True)
+
+    notes: list[str] = []
+    dtypes = []
+    for name in args.dtypes:
+        error = dtype_support(DTYPES[name])
+        if error is None:
+            dtypes.append(name)
+        else:
+            notes.append(f"{name} skipped: unsupported on this CPU ({error})")
+
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for name in dtypes:
+        rows += bench_dtype(args, name)
+    elapsed = time.perf_counter() - start
+
+    result = {
+        "metadata": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "shape_sbh": [args.seq, args.batch, args.hidden],
+            "sources": args.sources,
+            "dtypes_requested": args.dtypes,
+            "dtypes_run": dtypes,
+            "query_gain_dtype": "fp32",
+            "eps": EPS,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "timing": "time.perf_counter around forward + torch.autograd.grad, milliseconds",
+            "elapsed_s": round(elapsed, 2),
+            "notes": notes,
+        },
+        "results": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    s, b, h = result["metadata"]["shape_sbh"]
+    print(
+        f"AttnRes aggregate fwd+bwd, [s={s}, b={b}, h={h}], torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} runs"
+    )
+    for note in notes:
+        print(f"note: {note}")
+    print(markdown(rows))
+    print(f"\nwrote {args.output} ({elapsed:.1f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
