@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -172,8 +172,11 @@ def _packed_tensors(fn, sources: Sequence[Tensor], query: Tensor, gain: Tensor) 
 def _is_source(tensor: Tensor, sources: Sequence[Tensor]) -> bool:
     return any(
         tensor is src
-        or (tensor.data_ptr() == src.data_ptr() and tensor.shape == src.shape and
-            tensor.dtype == src.dtype)
+        or (
+            tensor.data_ptr() == src.data_ptr()
+            and tensor.shape == src.shape
+            and tensor.dtype == src.dtype
+        )
         for src in sources
     )
 

@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -113,18 +113,25 @@ def make_step(
     return step
 
 
-def time_step(step: Callable[[], None], repeats: int, warmup: int) -> dict[str, float]:
-    """Median / min / p90 wall time in milliseconds."""
+def time_steps(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Median / min / p90 wall time (ms) per step; steps run round-robin within each repeat."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
-    return {"median_ms": statistics.median(times), "min_ms": times[0], "p90_ms": p90}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    stats = {}
+    for name, values in times.items():
+        values.sort()
+        p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+        stats[name] = {"median_ms": statistics.median(values), "min_ms": values[0], "p90_ms": p90}
+    return stats
 
 
 def bench_dtype(args: argparse.Namespace, name: str) -> list[dict]:
@@ -139,10 +146,8 @@ def bench_dtype(args: argparse.Namespace, name: str) -> list[dict]:
     rows = []
     for n in args.sources:
         sources = [t.requires_grad_() for t in pool[:n]]
-        row: dict = {"dtype": name, "n": n}
-        for variant in VARIANTS:
-            step = make_step(variant, sources, query, gain, grad_out)
-            row[variant] = time_step(step, args.repeats, args.warmup)
+        steps = {v: make_step(v, sources, query, gain, grad_out) for v in VARIANTS}
+        row: dict = {"dtype": name, "n": n, **time_steps(steps, args.repeats, args.warmup)}
         prod = row["production"]["median_ms"]
         row["ratio_production_vs_reference"] = prod / row["reference"]["median_ms"]
         row["ratio_production_vs_residual_add_n"] = prod / row["residual_add_n"]["median_ms"]
