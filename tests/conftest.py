@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 
@@ -25,9 +24,14 @@ def single_rank():
 
     from attnres_megatron.training.distributed import initialize_parallel
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(free_port())
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+    from attnres_megatron.compat.cpu_backend import enable_cpu_backend
+
+    enable_cpu_backend()
+    # An explicit init_method keeps launcher variables out of os.environ, where
+    # subprocesses started by other tests would inherit them.
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     initialize_parallel("cpu", seed=1234)
     yield
     parallel_state.destroy_model_parallel()

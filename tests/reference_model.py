@@ -74,7 +74,11 @@ def attnres_gpt_logits(
         mixer = f"{prefix}.attn_res_{'mlp' if is_mlp else 'attention'}"
         sources = blocks + ([partial] if partial is not None else [])
         x = depth_mix(sources, weights[f"{mixer}.pseudo_query"], weights[f"{mixer}.key_gain"], attn_res_eps)
-        out = swiglu_mlp(weights, prefix, x, norm_eps) if is_mlp else attention(weights, prefix, x, heads, norm_eps)
+        out = (
+            swiglu_mlp(weights, prefix, x, norm_eps)
+            if is_mlp
+            else attention(weights, prefix, x, heads, norm_eps)
+        )
         partial = out if partial is None else partial + out
     final = depth_mix(
         blocks + [partial],

@@ -41,10 +41,19 @@ INVALID = [
     (dict(attention_residuals="none", attn_res_block_size=2), "--attn-res-block-size"),
     (dict(attention_residuals="full", attn_res_eps=0.0), "--attn-res-eps"),
     (dict(attention_residuals="full", attn_res_impl="cuda"), "--attn-res-impl"),
-    (dict(attention_residuals="full", recompute_granularity="full", recompute_method="uniform",
-          recompute_num_layers=1), "recompute_granularity"),
-    (dict(attention_residuals="full", apply_residual_connection_post_layernorm=True),
-     "apply_residual_connection_post_layernorm"),
+    (
+        dict(
+            attention_residuals="full",
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=1,
+        ),
+        "recompute_granularity",
+    ),
+    (
+        dict(attention_residuals="full", apply_residual_connection_post_layernorm=True),
+        "apply_residual_connection_post_layernorm",
+    ),
     (dict(attention_residuals="full", mtp_num_layers=1), "mtp_num_layers"),
 ]
 
@@ -57,5 +66,10 @@ def test_invalid_configurations_name_the_option(fields, option):
 
 def test_stock_config_fields_still_validated():
     with pytest.raises(ValueError, match="tensor_model_parallel_size"):  # Megatron's own check
-        AttnResTransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=3,
-                                 tensor_model_parallel_size=2, attention_residuals="full")
+        AttnResTransformerConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=3,
+            tensor_model_parallel_size=2,
+            attention_residuals="full",
+        )

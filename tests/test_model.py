@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_model import attnres_gpt_logits
-
 from megatron.core.models.gpt.gpt_model import GPTModel
+from reference_model import attnres_gpt_logits
 
 from attnres_megatron import AttnResGPTModel, AttnResTransformerConfig, DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
@@ -45,7 +44,9 @@ def test_mode_none_is_stock_megatron(reseed):
     config = make_config(num_layers=3)
     block_spec = get_gpt_decoder_block_spec(config, get_gpt_layer_spec("local", attention_residuals=False))
     reseed()
-    stock = GPTModel(config, block_spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
+    stock = GPTModel(
+        config, block_spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
+    )
     reseed()
     plugin = AttnResGPTModel(
         config, block_spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"

@@ -172,11 +172,7 @@ def _packed_tensors(fn, sources: Sequence[Tensor], query: Tensor, gain: Tensor) 
 def _is_source(tensor: Tensor, sources: Sequence[Tensor]) -> bool:
     return any(
         tensor is src
-        or (
-            tensor.data_ptr() == src.data_ptr()
-            and tensor.shape == src.shape
-            and tensor.dtype == src.dtype
-        )
+        or (tensor.data_ptr() == src.data_ptr() and tensor.shape == src.shape and tensor.dtype == src.dtype)
         for src in sources
     )
 

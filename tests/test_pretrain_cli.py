@@ -9,16 +9,36 @@ import sys
 import pytest
 
 TINY = [
-    "--device", "cpu", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--micro-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "3",
-    "--log-interval", "5", "--corpus-bytes", "1000000",
+    "--device",
+    "cpu",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "3",
+    "--log-interval",
+    "5",
+    "--corpus-bytes",
+    "1000000",
 ]
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "attnres_megatron.training.pretrain", *args],
-        capture_output=True, text=True, timeout=600, check=check,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=check,
     )
 
 
@@ -26,8 +46,16 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_pretrain_20_steps_loss_decreases(tmp_path, mode):
     summary_path = tmp_path / "summary.json"
     block = ["--attn-res-block-size", "2"] if mode == "block" else []
-    result = run_cli(*TINY, "--train-iters", "20", "--attention-residuals", mode, *block,
-                     "--summary-json", str(summary_path))
+    result = run_cli(
+        *TINY,
+        "--train-iters",
+        "20",
+        "--attention-residuals",
+        mode,
+        *block,
+        "--summary-json",
+        str(summary_path),
+    )
     assert "iteration       20/      20" in result.stdout
     assert "tokens/s" in result.stdout and f"attention residuals: {mode}" in result.stdout
     summary = json.loads(summary_path.read_text())

@@ -7,7 +7,9 @@ dropout RNG through a CUDA generator tracker. On a machine without CUDA this mod
 * ``torch.cuda.current_device`` returns ``"cpu"``, so every ``device=`` argument built
   from it places tensors on the CPU;
 * the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones, so
-  dropout under tensor parallelism forks and restores exactly as on GPU.
+  dropout under tensor parallelism forks and restores exactly as on GPU;
+* ``torch.cuda.manual_seed`` seeds the CPU default generator (on GPU the default CUDA
+  generator carries the data-parallel seed; on CPU that role falls to the CPU one).
 
 It is activated explicitly with :func:`enable_cpu_backend` (``--device cpu``, or
 automatically by the launcher when CUDA is absent) and refuses to run where CUDA is
@@ -86,7 +88,8 @@ def enable_cpu_backend() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = _cpu_current_device
-    torch.cuda.manual_seed = lambda seed: None
+    # The default generator carries the data-parallel seed, as the CUDA one does on GPU.
+    torch.cuda.manual_seed = torch.manual_seed
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *args, **kwargs: None

@@ -20,20 +20,20 @@ class DepthState:
     partial: Optional[Tensor] = None
 
     @classmethod
-    def from_embedding(cls, embedding: Tensor) -> "DepthState":
+    def from_embedding(cls, embedding: Tensor) -> DepthState:
         return cls(blocks=(embedding,))
 
     def sources(self) -> list[Tensor]:
         """Values the next aggregation mixes: completed blocks, then the partial sum."""
         return list(self.blocks) + ([self.partial] if self.partial is not None else [])
 
-    def seal(self) -> "DepthState":
+    def seal(self) -> DepthState:
         """Close the current block: the partial sum becomes a completed block."""
         if self.partial is None:
             return self
         return DepthState(blocks=self.blocks + (self.partial,))
 
-    def add(self, output: Tensor) -> "DepthState":
+    def add(self, output: Tensor) -> DepthState:
         """Add one sublayer output to the partial sum."""
         partial = output if self.partial is None else self.partial + output
         return DepthState(blocks=self.blocks, partial=partial)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.reference import compute_dtype
 
@@ -42,6 +43,7 @@ class AttnResAggregate(torch.autograd.Function):
         return out.to(sources[0].dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         query, gain, alpha, inv_rms, *sources = ctx.saved_tensors
         dtype = alpha.dtype
