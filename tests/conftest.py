@@ -22,9 +22,8 @@ def single_rank():
     """A world of one process with Megatron's parallel state and the CPU backend."""
     from megatron.core import parallel_state
 
-    from attnres_megatron.training.distributed import initialize_parallel
-
     from attnres_megatron.compat.cpu_backend import enable_cpu_backend
+    from attnres_megatron.training.distributed import initialize_parallel
 
     enable_cpu_backend()
     # An explicit init_method keeps launcher variables out of os.environ, where
