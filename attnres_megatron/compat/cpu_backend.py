@@ -5,9 +5,16 @@ dropout RNG through a CUDA generator tracker. On a machine without CUDA this mod
 (and only this module) redirects those to the CPU:
 
 * ``torch.cuda.current_device`` returns ``"cpu"``, so every ``device=`` argument built
-  from it places tensors on the CPU;
+  from it places tensors on the CPU; a ``TorchFunctionMode`` serves the remaining literal
+  ``device='cuda'`` requests, ``Tensor.cuda()`` and ``'torch.cuda.*Tensor'`` type checks
+  inside Megatron's optimizers and grad scaler (including their gradient clipping);
 * the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones, so
   dropout under tensor parallelism forks and restores exactly as on GPU;
+* ``torch.cuda.Stream``/``Event``/``stream``/``current_stream``/``synchronize`` become
+  synchronous no-ops (MoE token dispatchers and the shared expert overlap work on side
+  streams; on the CPU everything already runs in order);
+* the alltoall MoE dispatcher receives its split sizes as host arrays, as it does on GPU
+  after its device-to-host copy;
 * ``torch.cuda.manual_seed`` seeds the CPU default generator (on GPU the default CUDA
   generator carries the data-parallel seed; on CPU that role falls to the CPU one).
 
@@ -19,6 +26,9 @@ available, so the GPU path always stays stock Megatron-Core.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import time
 from collections.abc import Iterator
 
 import torch
@@ -71,8 +81,123 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer_state)
 
 
+class CpuStream:
+    """Stands in for ``torch.cuda.Stream``: CPU work is synchronous, so ordering is free."""
+
+    def wait_stream(self, stream: CpuStream) -> None:
+        return None
+
+    def wait_event(self, event: CpuEvent) -> None:
+        return None
+
+    def record_event(self, event: CpuEvent | None = None) -> CpuEvent:
+        return event if event is not None else CpuEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class CpuEvent:
+    """Stands in for ``torch.cuda.Event`` (timing through ``time.perf_counter``)."""
+
+    def __init__(self, enable_timing: bool = False, **_: object) -> None:
+        self.time = 0.0
+
+    def record(self, stream: CpuStream | None = None) -> None:
+        self.time = time.perf_counter()
+
+    def wait(self, stream: CpuStream | None = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: CpuEvent) -> float:
+        return (end.time - self.time) * 1000.0
+
+
+_DEFAULT_STREAM = CpuStream()
+
+
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU twin of ``moe_utils.maybe_move_tensor_to_cpu``: the GPU version turns device
+    tensors into host (numpy) split sizes; CPU tensors must take the same form."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _cpu_current_device() -> str:
     return "cpu"
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+_CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+}
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Serve CUDA placement requests from the CPU.
+
+    ``device='cuda'`` arguments become the CPU, ``Tensor.cuda()`` is the identity, and
+    ``Tensor.type()`` reports the CUDA type name Megatron's optimizers check for.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and any(_is_cuda_device(a) for a in args[1:]):
+            args = tuple(_CPU if _is_cuda_device(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _with_cuda_on_cpu(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with CudaToCpuMode():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _serve_optimizers_from_cpu() -> None:
+    """Run Megatron's optimizer and grad-scaler methods under :class:`CudaToCpuMode`.
+
+    Scoped to these classes: a process-wide mode would tax every tensor op of the model.
+    """
+    from megatron.core.optimizer import distrib_optimizer, grad_scaler, optimizer
+
+    for module in (optimizer, distrib_optimizer, grad_scaler):
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and cls.__module__ == module.__name__):
+                continue
+            for name, attribute in list(vars(cls).items()):
+                if inspect.isfunction(attribute) and (name == "__init__" or not name.startswith("__")):
+                    setattr(cls, name, _with_cuda_on_cpu(attribute))
 
 
 def enable_cpu_backend() -> None:
@@ -88,8 +213,18 @@ def enable_cpu_backend() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = _cpu_current_device
+    _serve_optimizers_from_cpu()
+    torch.cuda.Stream = CpuStream
+    torch.cuda.Event = CpuEvent
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.default_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
     # The default generator carries the data-parallel seed, as the CUDA one does on GPU.
     torch.cuda.manual_seed = torch.manual_seed
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *args, **kwargs: None

@@ -1,0 +1,38 @@
+"""Version-checked fixes for Megatron-Core defects that affect every device.
+
+* ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports, yet the
+  router GEMM tests it with ``is not None``; without TE that raises ``NameError``. We
+  define it as ``None`` so Megatron's own plain-PyTorch branch runs.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+SUPPORTED_MEGATRON_CORE = ("0.16",)
+
+_APPLIED = False
+
+
+def check_megatron_core_version() -> str:
+    """Return megatron-core's version, refusing releases this plugin was not built for."""
+    installed = version("megatron-core")
+    if not installed.startswith(SUPPORTED_MEGATRON_CORE):
+        raise RuntimeError(
+            f"attnres-megatron supports megatron-core {', '.join(SUPPORTED_MEGATRON_CORE)}.x; "
+            f"found {installed}. Install megatron-core==0.16.1."
+        )
+    return installed
+
+
+def apply_megatron_fixes() -> None:
+    """Apply the fixes above once per process."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    check_megatron_core_version()
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _APPLIED = True

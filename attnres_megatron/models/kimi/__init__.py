@@ -1,0 +1,1 @@
+"""Kimi Linear building blocks (Kimi Delta Attention) for Megatron-Core."""
