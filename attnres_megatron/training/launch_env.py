@@ -21,7 +21,6 @@ and the fix, before any process group is created.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import os
 import re
 import socket
@@ -50,6 +49,7 @@ SLURM_FIX = "launch one task per process with srun inside an allocation (sbatch/
 SLURM_PORT_BASE = 10000
 SLURM_PORT_SPAN = 20000
 SLURM_DEFAULT_PORT = 29500
+_INT = re.compile(r"[+-]?[0-9]+")
 
 
 class LaunchEnvError(ValueError):
@@ -121,11 +121,10 @@ def _int(env: Mapping[str, str], name: str, context: str, fix: str) -> int:
 
 
 def _parse_int(value: str, name: str, context: str, fix: str) -> int:
-    """``int(value)`` or a LaunchEnvError quoting the bad value."""
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise LaunchEnvError(f"{context}: {name}={value!r} is not an integer; {fix}") from None
+    """The decimal integer in ``value`` or a LaunchEnvError quoting the bad value."""
+    if _INT.fullmatch(value.strip()) is None:  # int() would also take '1_0' and other spellings
+        raise LaunchEnvError(f"{context}: {name}={value!r} is not an integer; {fix}")
+    return int(value.strip())
 
 
 def _port(value: str, name: str, context: str, fix: str) -> int:
@@ -348,36 +347,46 @@ def _split_top(text: str, what: str) -> list[str]:
     return parts
 
 
-def _expand_range_list(body: str, what: str) -> list[str]:
-    """'01-03,7' -> ['01', '02', '03', '7'], keeping each range's zero padding."""
-    out: list[str] = []
+def _parse_ranges(body: str, what: str) -> list[tuple[int, int, int]]:
+    """'01-03,7' -> [(1, 3, 2), (7, 7, 1)]: (first, last, zero-padded width) per item."""
+    ranges: list[tuple[int, int, int]] = []
     for item in body.split(","):
         match = _RANGE.match(item.strip())
         if match is None:
             raise LaunchEnvError(f"Slurm nodelist {what!r}: bad range {item!r} in '[{body}]'")
-        lo_text, hi_text = match.group(1), match.group(2)
-        if hi_text is None:
-            out.append(lo_text)
-            continue
-        lo, hi = int(lo_text), int(hi_text)
-        if hi < lo:
+        lo_text, hi_text = match.group(1), match.group(2) or match.group(1)
+        if int(hi_text) < int(lo_text):
             raise LaunchEnvError(f"Slurm nodelist {what!r}: descending range {item!r}")
-        width = len(lo_text)
-        out.extend(str(n).zfill(width) for n in range(lo, hi + 1))
-    return out
+        ranges.append((int(lo_text), int(hi_text), len(lo_text)))
+    return ranges
+
+
+def _iter_ranges(ranges: list[tuple[int, int, int]]) -> Iterator[str]:
+    """The numbers of parsed ranges as strings, keeping each range's zero padding."""
+    for lo, hi, width in ranges:
+        for number in range(lo, hi + 1):
+            yield str(number).zfill(width)
 
 
 def _expand_pattern(pattern: str, what: str) -> Iterator[str]:
-    """'rack[1-2]-n[01-02]' -> rack1-n01, rack1-n02, rack2-n01, rack2-n02 (lazily)."""
-    pieces: list[list[str]] = []
+    """'rack[1-2]-n[01-02]' -> rack1-n01, rack1-n02, rack2-n01, rack2-n02, lazily."""
+    pieces: list[str | list[tuple[int, int, int]]] = []
     pos = 0
     for match in re.finditer(r"\[([^\]]*)\]", pattern):
-        pieces.append([pattern[pos : match.start()]])
-        pieces.append(_expand_range_list(match.group(1), what))
+        pieces += [pattern[pos : match.start()], _parse_ranges(match.group(1), what)]
         pos = match.end()
-    pieces.append([pattern[pos:]])
-    for combo in itertools.product(*pieces):
-        yield "".join(combo)
+    pieces.append(pattern[pos:])
+
+    def expand(index: int) -> Iterator[str]:
+        if index == len(pieces):
+            yield ""
+            return
+        piece = pieces[index]
+        for head in [piece] if isinstance(piece, str) else _iter_ranges(piece):
+            for tail in expand(index + 1):
+                yield head + tail
+
+    return expand(0)
 
 
 def _iter_nodelist(nodelist: str) -> Iterator[str]:
