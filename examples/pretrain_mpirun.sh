@@ -17,7 +17,7 @@ set -euo pipefail
 
 NP="${NP:-4}"
 MPIRUN="${MPIRUN:-mpirun}"
-MPIRUN_ARGS="${MPIRUN_ARGS:---allow-run-as-root --oversubscribe}"
+MPIRUN_ARGS="${MPIRUN_ARGS---allow-run-as-root --oversubscribe}"   # set to "" to drop
 DEVICE="${DEVICE:-cpu}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # NP ranks share the cores
 
@@ -55,7 +55,7 @@ attn_res=(--attention-residuals "$ATTN_RES")
 if [ "$ATTN_RES" = "block" ]; then attn_res+=(--attn-res-num-blocks "$ATTN_RES_NUM_BLOCKS"); fi
 
 set -x
-exec "$MPIRUN" -np "$NP" "${mpirun_args[@]}" "${forward[@]}" \
+exec "$MPIRUN" -np "$NP" ${mpirun_args[@]+"${mpirun_args[@]}"} "${forward[@]}" \
   attnres-pretrain --device "$DEVICE" \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --train-iters "$TRAIN_ITERS" \

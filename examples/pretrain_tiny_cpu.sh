@@ -4,7 +4,7 @@
 # Needs: attnres-megatron installed (bash scripts/install.sh); any CPU, about 1 GB of RAM.
 # Runs:  attnres-pretrain --device cpu: 4 layers, hidden 128, 4 heads, sequence 128, micro
 #        batch 4, 100 iterations, Block AttnRes with 4 depth blocks, on byte tokens of the
-#        Python standard library sources (no download). A few minutes on 2 cores.
+#        Python standard library sources (no download). About half a minute on 2 cores.
 #
 # Every setting can be overridden from the environment, and extra arguments go to
 # attnres-pretrain, e.g.

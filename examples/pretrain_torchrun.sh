@@ -19,7 +19,7 @@ if [ -z "${DEVICE:-}" ]; then
 fi
 NPROC="${NPROC:-2}"                           # processes on this node (one per GPU on GPUs)
 TORCHRUN="${TORCHRUN:-torchrun}"
-TORCHRUN_ARGS="${TORCHRUN_ARGS:---standalone --nnodes 1}"
+TORCHRUN_ARGS="${TORCHRUN_ARGS---standalone --nnodes 1}"   # set to "" to drop
 
 # Parallelism. SP (sequence parallel) needs TP > 1; it is on by default whenever TP > 1.
 TP="${TP:-2}"
@@ -46,6 +46,7 @@ ATTN_RES_NUM_BLOCKS="${ATTN_RES_NUM_BLOCKS:-4}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"                  # e.g. EXTRA_ARGS=--bf16 on GPUs
 
+# ${array[@]+"${array[@]}"} below expands an empty array safely under set -u on bash < 4.4.
 read -r -a torchrun_args <<<"$TORCHRUN_ARGS"
 read -r -a extra <<<"$EXTRA_ARGS"
 parallel=(--tensor-model-parallel-size "$TP" --context-parallel-size "$CP"
@@ -64,9 +65,9 @@ if [ "$ATTN_RES" = "block" ]; then attn_res+=(--attn-res-num-blocks "$ATTN_RES_N
 
 # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process.
 set -x
-exec "$TORCHRUN" "${torchrun_args[@]}" --nproc-per-node "$NPROC" --no-python \
+exec "$TORCHRUN" ${torchrun_args[@]+"${torchrun_args[@]}"} --nproc-per-node "$NPROC" --no-python \
   attnres-pretrain --device "$DEVICE" \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --train-iters "$TRAIN_ITERS" \
   --lr "$LR" --log-interval "$LOG_INTERVAL" \
-  "${parallel[@]}" "${moe[@]}" "${attn_res[@]}" "${extra[@]}" "$@"
+  "${parallel[@]}" ${moe[@]+"${moe[@]}"} "${attn_res[@]}" ${extra[@]+"${extra[@]}"} "$@"

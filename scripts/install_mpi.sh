@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Install OpenMPI (mpirun + headers) and mpi4py for `mpirun` launches; idempotent.
-# Needs: Debian/Ubuntu apt (root or sudo) when mpirun is missing; pip for mpi4py.
-# Runs: apt-get install openmpi-bin libopenmpi-dev only if `mpirun` is not on PATH, then
-# pip install mpi4py only if it does not import. Takes about a second when all is present.
-# Usage: bash scripts/install_mpi.sh   (PYTHON=python3.11 to pick the interpreter)
+# Install OpenMPI (mpirun + headers) and mpi4py so attnres-pretrain can run under mpirun; idempotent.
+# Needs: Debian/Ubuntu apt-get (root, or sudo) when mpirun is missing; pip for mpi4py.
+# Runs:  apt-get install openmpi-bin libopenmpi-dev only if `mpirun` is not on PATH, then
+#        pip install mpi4py only if it does not import. About a second when all is present.
+# Usage: bash scripts/install_mpi.sh        (PYTHON=/path/to/python picks the interpreter)
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# Run a command quietly; show its output only when it fails.
+quiet() {
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "error: failed: $*" >&2
+    exit 1
+  fi
+}
 
 if ! command -v mpirun >/dev/null 2>&1; then
   sudo=()
@@ -16,15 +27,20 @@ if ! command -v mpirun >/dev/null 2>&1; then
     fi
     sudo=(sudo)
   fi
-  echo "Installing OpenMPI (openmpi-bin libopenmpi-dev) with apt-get ..."
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    openmpi-bin libopenmpi-dev >/dev/null
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: mpirun is missing and apt-get is not available; install OpenMPI (mpirun + headers)" \
+      "with your package manager, then rerun" >&2
+    exit 1
+  fi
+  echo "Installing OpenMPI (apt-get install openmpi-bin libopenmpi-dev) ..."
+  quiet ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  quiet ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev
 fi
 
-if ! "$PYTHON" -c "import mpi4py.MPI" >/dev/null 2>&1; then
-  echo "Installing mpi4py with pip ..."
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check mpi4py
+if ! "$PYTHON" -c "import mpi4py" >/dev/null 2>&1; then
+  echo "Installing mpi4py (pip install mpi4py) ..."
+  quiet env PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check mpi4py
 fi
 
 echo "mpirun: $(command -v mpirun) ($(mpirun --version 2>/dev/null | head -n 1))"

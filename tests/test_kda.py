@@ -234,3 +234,13 @@ def test_module_backward_reaches_every_parameter(single_rank):
     for name, param in module.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+def test_module_bf16_runs_close_to_fp32(single_rank):
+    module = build_module(chunk_size=4)
+    x = torch.randn(8, 2, HIDDEN)
+    with torch.no_grad():
+        ref, _ = module(x)
+        out, _ = module.bfloat16()(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)

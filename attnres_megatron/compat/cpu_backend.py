@@ -8,6 +8,7 @@ dropout RNG through a CUDA generator tracker. On a machine without CUDA this mod
   from it places tensors on the CPU; a ``TorchFunctionMode`` serves the remaining literal
   ``device='cuda'`` requests, ``Tensor.cuda()`` and ``'torch.cuda.*Tensor'`` type checks
   inside Megatron's optimizers and grad scaler (including their gradient clipping);
+  the pipeline schedules see a ``torch`` whose tensor factories build on the CPU;
 * the model-parallel RNG tracker keeps CPU generator states instead of CUDA ones, so
   dropout under tensor parallelism forks and restores exactly as on GPU;
 * ``torch.cuda.Stream``/``Event``/``stream``/``current_stream``/``synchronize`` become
@@ -29,6 +30,7 @@ import contextlib
 import functools
 import inspect
 import time
+import types
 from collections.abc import Iterator
 
 import torch
@@ -175,6 +177,32 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_FACTORIES = frozenset(
+    {"zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like"}
+)
+
+
+class _TorchWithCpuFactories(types.ModuleType):
+    """A ``torch`` stand-in for one Megatron module: tensor factories asked for a CUDA
+    device build on the CPU; every other attribute is torch's own."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        attribute = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attribute
+
+        @functools.wraps(attribute)
+        def factory(*args, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = _CPU
+            return attribute(*args, **kwargs)
+
+        return factory
+
+
 def _with_cuda_on_cpu(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -214,6 +242,9 @@ def enable_cpu_backend() -> None:
 
     torch.cuda.current_device = _cpu_current_device
     _serve_optimizers_from_cpu()
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuFactories()
     torch.cuda.Stream = CpuStream
     torch.cuda.Event = CpuEvent
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
