@@ -6,7 +6,12 @@ from typing import Optional
 
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.models.gpt import AttnResGPTModel
-from attnres_megatron.models.specs import get_gpt_decoder_block_spec, get_gpt_layer_spec
+from attnres_megatron.models.specs import (
+    CONTEXT_PARALLEL_NEEDS_TE,
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_spec,
+    resolve_transformer_impl,
+)
 
 
 def build_gpt_model(
@@ -21,8 +26,11 @@ def build_gpt_model(
     share_embeddings_and_output_weights: bool = False,
 ) -> AttnResGPTModel:
     """Build the AttnRes GPT (stock layers when ``attention_residuals='none'``)."""
+    impl = resolve_transformer_impl(transformer_impl)
+    if config.context_parallel_size > 1 and impl == "local":
+        raise ValueError(CONTEXT_PARALLEL_NEEDS_TE)
     layer_spec = get_gpt_layer_spec(
-        transformer_impl,
+        impl,
         attention_residuals=config.attn_res_enabled,
         normalization=config.normalization,
         num_experts=config.num_moe_experts,

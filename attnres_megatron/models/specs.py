@@ -23,6 +23,11 @@ from attnres_megatron.layers.transformer_layer import (
 )
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+CONTEXT_PARALLEL_NEEDS_TE = (
+    "--context-parallel-size > 1 needs Transformer Engine attention: Megatron-Core's local "
+    "attention has no context-parallel path. Use --transformer-impl transformer_engine on a "
+    "GPU machine with Transformer Engine installed, or --context-parallel-size 1."
+)
 
 
 def transformer_engine_available() -> bool:

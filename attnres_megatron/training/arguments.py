@@ -7,7 +7,11 @@ from collections.abc import Sequence
 from typing import Optional
 
 from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
-from attnres_megatron.models.specs import TRANSFORMER_IMPLS
+from attnres_megatron.models.specs import (
+    CONTEXT_PARALLEL_NEEDS_TE,
+    TRANSFORMER_IMPLS,
+    resolve_transformer_impl,
+)
 
 
 def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,6 +98,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="Bytes of the built-in corpus (Python standard library sources).",
     )
 
+    train.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Samples per iteration over all data-parallel ranks "
+        "(default: micro batch x data-parallel size); larger values accumulate.",
+    )
+    train.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
+    train.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="Shard optimizer state across data-parallel ranks.",
+    )
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--context-parallel-size", type=int, default=1)
+    parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="Tensor parallelism inside experts (default: the TP size).",
+    )
+
+    moe = parser.add_argument_group("mixture of experts")
+    moe.add_argument("--num-experts", type=int, default=None, help="Routed experts per MoE layer.")
+    moe.add_argument("--moe-router-topk", type=int, default=2)
+    moe.add_argument(
+        "--moe-ffn-hidden-size",
+        type=int,
+        default=None,
+        help="Width of each routed expert (default: --ffn-hidden-size).",
+    )
+    moe.add_argument(
+        "--moe-shared-expert-intermediate-size",
+        type=int,
+        default=None,
+        help="Width of the shared expert (none when unset).",
+    )
+    moe.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"), default="softmax")
+    moe.add_argument(
+        "--moe-router-enable-expert-bias",
+        action="store_true",
+        help="Aux-loss-free load balancing: a per-expert bias used for top-k selection.",
+    )
+    moe.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    moe.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    moe.add_argument(
+        "--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "none"), default="aux_loss"
+    )
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall"), default="alltoall")
+    moe.add_argument(
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="Grouped GEMM experts (GPU); CPU runs use sequential experts.",
+    )
+
     run = parser.add_argument_group("run")
     run.add_argument(
         "--device",
@@ -109,12 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    validate_args(args)
-    return args
+    return build_parser().parse_args(argv)
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def _fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Reject bad values with the flag's name before any work starts."""
     positive = (
         "num_layers",
@@ -135,4 +202,72 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--num-attention-heads {args.num_attention_heads}."
         )
     if not args.lr > 0:
-        raise SystemExit(f"error: --lr must be > 0; got {args.lr}.")
+        _fail(f"--lr must be > 0; got {args.lr}.")
+    if not 0 <= args.lr_warmup_iters < args.train_iters:
+        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters "
+              f"{args.train_iters}).")
+    if not 0 <= args.min_lr <= args.lr:
+        _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
+    validate_parallel_args(args, world_size)
+
+
+def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
+    """Parallel sizes, MoE and batch options against the world size."""
+    sizes = (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "expert_model_parallel_size",
+    )
+    for name in sizes:
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}.")
+    tp, pp, cp = (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.context_parallel_size,
+    )
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        _fail(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} x "
+            f"--context-parallel-size {cp} = {model_parallel} does not divide the world size "
+            f"{world_size}; launch a multiple of {model_parallel} processes or change the sizes."
+        )
+    if cp > 1 and resolve_transformer_impl(args.transformer_impl) == "local":
+        _fail(CONTEXT_PARALLEL_NEEDS_TE)
+    if args.sequence_parallel and tp == 1:
+        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP.")
+    if args.num_attention_heads % tp:
+        _fail(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}."
+        )
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    if args.num_experts is None:
+        if ep > 1:
+            _fail("--expert-model-parallel-size > 1 needs --num-experts.")
+    else:
+        if args.num_experts < 1:
+            _fail(f"--num-experts must be >= 1; got {args.num_experts}.")
+        if args.num_experts % ep:
+            _fail(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}.")
+        if not 1 <= args.moe_router_topk <= args.num_experts:
+            _fail(f"--moe-router-topk must be in [1, --num-experts]; got {args.moe_router_topk}.")
+        if (world_size // pp) % (ep * etp):
+            _fail(
+                f"--expert-model-parallel-size {ep} x expert tensor parallel {etp} does not divide "
+                f"the {world_size // pp} ranks of a pipeline stage."
+            )
+        if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+            _fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid.")
+    data_parallel = world_size // model_parallel
+    per_step = args.micro_batch_size * data_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        _fail(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
+            f"x data-parallel size = {per_step}."
+        )

@@ -52,7 +52,8 @@ class TokenWindows:
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each ``[batch_size, seq_length]``."""
+        """(inputs, labels), each ``[batch_size, seq_length]``; the draw is the same on
+        every rank, so ranks slice one global batch."""
         starts = torch.randint(
             0, self.tokens.numel() - self.seq_length - 1, (batch_size,), generator=self.generator
         )

@@ -1,14 +1,15 @@
-"""Process-group setup for ``attnres-pretrain`` (single process or torchrun)."""
+"""Process groups for ``attnres-pretrain``: torchrun, mpirun, srun or a single process."""
 
 from __future__ import annotations
 
-import os
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from attnres_megatron.compat.cpu_backend import enable_cpu_backend
+from attnres_megatron.training.launch_env import LaunchEnv, discover_launch_env, export_for_torch
 
 
 def resolve_device(requested: str) -> str:
@@ -21,26 +22,40 @@ def resolve_device(requested: str) -> str:
 
 
 def initialize_parallel(
-    device: str, seed: int, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1
+    device: str,
+    seed: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+    launch_env: Optional[LaunchEnv] = None,
 ) -> None:
-    """Start ``torch.distributed`` (gloo on CPU, NCCL on GPU), Megatron's groups and RNG."""
+    """Start ``torch.distributed`` (gloo on CPU, NCCL on GPU) unless already started, then
+    Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage)."""
     if device == "cpu":
         enable_cpu_backend()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        rank = int(os.environ.get("RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        env = launch_env or discover_launch_env()
+        export_for_torch(env)
         if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env.local_rank)
         torch.distributed.init_process_group(
-            "nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size
+            "nccl" if device == "cuda" else "gloo",
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
-    model_parallel_cuda_manual_seed(seed)
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
 
 
 def shutdown_parallel() -> None:

@@ -86,12 +86,10 @@ def export_for_torch(env: LaunchEnv) -> None:
 def discover_launch_env(
     environ: Optional[Mapping[str, str]] = None, use_mpi: Optional[bool] = None
 ) -> LaunchEnv:
-    """Detect torchrun, mpirun, srun or a single process from ``environ`` (default os.environ).
-
-    ``use_mpi``: ``None`` imports mpi4py under an MPI launcher only when MASTER_ADDR or
-    MASTER_PORT is missing; ``False`` never imports it (both must then be set); ``True``
-    always uses it (and checks the environment against ``MPI.COMM_WORLD``).
-    """
+    """Detect torchrun, mpirun, srun or a single process from ``environ`` (default os.environ)."""
+    # use_mpi (MPI launchers only): None imports mpi4py only when MASTER_ADDR, MASTER_PORT or the
+    # local rank/size variables are missing; False never imports it (they must all be set);
+    # True always does, and checks the rank and size against MPI.COMM_WORLD.
     env = os.environ if environ is None else environ
     if _present(env, "RANK") or _present(env, "WORLD_SIZE"):
         return _from_torchrun(env)
@@ -378,6 +376,7 @@ def _expand_pattern(pattern: str, what: str) -> Iterator[str]:
     pieces.append(pattern[pos:])
 
     def expand(index: int) -> Iterator[str]:
+        """Hosts built from pieces[index:]."""
         if index == len(pieces):
             yield ""
             return
@@ -460,6 +459,8 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
     # A step may run fewer tasks than the allocation's per-node count (srun -n 1).
     local_size = min(_slurm_local_size(env, context), world_size)
 
+    # srun's default block distribution puts task 0 on the first node of the step; set
+    # MASTER_ADDR when another distribution (arbitrary, cyclic over a hostfile) moves it.
     if _present(env, "MASTER_ADDR"):
         addr = env["MASTER_ADDR"].strip()
     else:
@@ -476,7 +477,7 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchEnv:
     else:
         job_name = "SLURM_JOB_ID" if _present(env, "SLURM_JOB_ID") else "SLURM_JOBID"
         if _present(env, job_name):
-            job_id = _parse_int(env[job_name], job_name, context, "or set MASTER_PORT")
+            job_id = _parse_int(env[job_name], job_name, context, "set MASTER_PORT instead")
             port = SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
         else:
             port = SLURM_DEFAULT_PORT

@@ -1,0 +1,144 @@
+"""From parsed arguments to a Megatron config, a wrapped model, optimizer and scheduler."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from attnres_megatron.config import AttnResTransformerConfig
+from attnres_megatron.models.builder import build_gpt_model
+
+MOE_FIELDS_FROM_ARGS = (
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate",
+    "moe_router_topk_scaling_factor",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_token_dispatcher_type",
+    "moe_grouped_gemm",
+    "moe_shared_expert_intermediate_size",
+)
+
+
+def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransformerConfig:
+    """The Megatron config for these arguments; ``ValueError`` names a bad option."""
+    moe = {}
+    if args.num_experts is not None:
+        moe = {name: getattr(args, name) for name in MOE_FIELDS_FROM_ARGS}
+        moe.update(
+            num_moe_experts=args.num_experts,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
+            moe_router_dtype="fp32",
+        )
+    return AttnResTransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        normalization=args.normalization,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_cpu_initialization=device == "cpu",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        attention_residuals=args.attention_residuals,
+        attn_res_block_size=args.attn_res_block_size,
+        attn_res_layers_per_block=args.attn_res_layers_per_block,
+        attn_res_num_blocks=args.attn_res_num_blocks,
+        attn_res_eps=args.attn_res_eps,
+        attn_res_impl=args.attn_res_impl,
+        **moe,
+    )
+
+
+@dataclass
+class TrainingSetup:
+    """Everything the loop needs: the DDP-wrapped model, optimizer and LR scheduler."""
+
+    config: AttnResTransformerConfig
+    model: DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    scheduler: OptimizerParamScheduler
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The AttnRes GPT inside the DDP (and bf16) wrappers."""
+        module = self.model.module
+        return module.module if isinstance(module, Float16Module) else module
+
+
+def setup_training(
+    args: argparse.Namespace, config: AttnResTransformerConfig, vocab_size: int, device: str
+) -> TrainingSetup:
+    """Build the model on ``device``, wrap it for bf16 and data parallelism, and create
+    Megatron's optimizer (AttnRes vectors and norms are not weight-decayed) and scheduler."""
+    model = build_gpt_model(
+        config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.seq_length,
+        transformer_impl=args.transformer_impl,
+        position_embedding_type=args.position_embedding_type,
+    ).to(device)
+    if args.bf16:
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer
+        ),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters,
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return TrainingSetup(config, ddp, optimizer, scheduler)
