@@ -1,0 +1,164 @@
+"""``attnres-pretrain`` under torchrun and mpirun, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import free_port
+
+TINY = [
+    "--device",
+    "cpu",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--log-interval",
+    "4",
+    "--train-iters",
+    "8",
+    "--corpus-bytes",
+    "300000",
+    "--attention-residuals",
+    "block",
+    "--attn-res-block-size",
+    "3",
+]
+MOE = [
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "2",
+    "--moe-ffn-hidden-size",
+    "32",
+    "--moe-shared-expert-intermediate-size",
+    "32",
+    "--moe-router-score-function",
+    "sigmoid",
+    "--moe-router-enable-expert-bias",
+]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+def pretrain(launcher: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [*launcher, "-m", "attnres_megatron.training.pretrain", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env or clean_env())
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+    ]
+
+
+def losses(tmp_path, name: str, launcher: list[str], *args: str) -> list[float]:
+    summary = tmp_path / f"{name}.json"
+    result = pretrain(launcher, *TINY, *args, "--summary-json", str(summary))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(summary.read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory) -> list[float]:
+    return losses(tmp_path_factory.mktemp("single"), "single", [sys.executable])
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("tp2_sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        ("dp2_distributed_optimizer", ["--use-distributed-optimizer"]),
+    ],
+)
+def test_torchrun_layouts_reproduce_single_process_losses(tmp_path, single_process_losses, name, args):
+    parallel = losses(tmp_path, name, torchrun(2), *args)
+    assert parallel == pytest.approx(single_process_losses, rel=2e-4)
+
+
+def test_torchrun_expert_parallel_moe_dispatchers_agree(tmp_path):
+    # Megatron seeds expert weights per expert-parallel rank, so EP=2 starts from another
+    # (valid) init than EP=1; gradient parity with shared weights is in test_parallel.py.
+    runs = {
+        dispatcher: losses(
+            tmp_path,
+            f"moe_{dispatcher}",
+            torchrun(2),
+            *MOE,
+            "--expert-model-parallel-size",
+            "2",
+            "--moe-token-dispatcher-type",
+            dispatcher,
+        )
+        for dispatcher in ("alltoall", "allgather")
+    }
+    assert runs["alltoall"] == pytest.approx(runs["allgather"], rel=2e-4)
+    assert runs["alltoall"][-1] < runs["alltoall"][0] - 0.3
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (scripts/install_mpi.sh)")
+def test_mpirun_four_processes_runs_tiny_pretraining(tmp_path, single_process_losses):
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (scripts/install_mpi.sh)")
+    launcher = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4", sys.executable]
+    parallel = losses(
+        tmp_path, "mpirun", launcher, "--tensor-model-parallel-size", "2", "--sequence-parallel"
+    )
+    assert parallel == pytest.approx(single_process_losses, rel=2e-4)
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (
+            ["--tensor-model-parallel-size", "2"],
+            dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+            "does not divide the world size 3",
+        ),
+        (["--sequence-parallel"], {}, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        (
+            [*MOE[:2], "--expert-model-parallel-size", "3"],
+            dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+            "--num-experts 4 is not divisible",
+        ),
+        (["--expert-model-parallel-size", "2"], {}, "needs --num-experts"),
+        (
+            ["--context-parallel-size", "2"],
+            dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+            "Transformer Engine attention",
+        ),
+        (["--global-batch-size", "3"], {}, "--global-batch-size 3 must be a multiple"),
+        ([], dict(RANK="0"), "WORLD_SIZE"),
+    ],
+    ids=["world", "sp_without_tp", "experts_vs_ep", "ep_without_moe", "cp_local", "batch", "launcher_env"],
+)
+def test_bad_input_fails_before_any_work(args, env, message):
+    result = pretrain([sys.executable], *TINY, *args, env=clean_env(**env))
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "iteration" not in result.stdout
