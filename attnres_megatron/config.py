@@ -106,6 +106,21 @@ class AttnResTransformerConfig(TransformerConfig):
     """Aggregation implementation: 'torch' (memory-lean autograd op) or 'reference'."""
 
     def __post_init__(self) -> None:
+        if self.attention_residuals != "none" and self.pipeline_model_parallel_size > 1:
+            if self.moe_token_dispatcher_type == "allgather" and self.num_moe_experts:
+                raise ValueError(
+                    "moe_token_dispatcher_type='allgather' cannot run with attention residuals under "
+                    "pipeline parallelism: stage payloads have a per-boundary width "
+                    "(variable_seq_lengths), which Megatron's allgather dispatcher refuses; use "
+                    "--moe-token-dispatcher-type alltoall."
+                )
+            # Each boundary carries exactly the depth sources its receiver lacks, so shapes
+            # travel per message; parity-ordered (non-batched) p2p keeps the two directions
+            # between the same pair of ranks apart (see compat/pipeline_shapes.py).
+            self.variable_seq_lengths = True
+            self.batch_p2p_comm = False
+            if not self.num_moe_experts:  # unused without experts, but checked by Megatron
+                self.moe_token_dispatcher_type = "alltoall"
         super().__post_init__()
         self.attn_res_sublayers_per_block = resolve_sublayers_per_block(
             self.attention_residuals,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import Tensor
@@ -18,6 +19,9 @@ class DepthState:
 
     blocks: tuple[Tensor, ...]
     partial: Optional[Tensor] = None
+    on_seal: Optional[Callable[[int, Tensor], Tensor]] = field(default=None, compare=False)
+    """Called with (block id, block) when a block is sealed; returns the tensor to keep
+    (pipeline caching taps sealed blocks here)."""
 
     @classmethod
     def from_embedding(cls, embedding: Tensor) -> DepthState:
@@ -31,12 +35,13 @@ class DepthState:
         """Close the current block: the partial sum becomes a completed block."""
         if self.partial is None:
             return self
-        return DepthState(blocks=self.blocks + (self.partial,))
+        block = self.partial if self.on_seal is None else self.on_seal(len(self.blocks), self.partial)
+        return DepthState(blocks=self.blocks + (block,), on_seal=self.on_seal)
 
     def add(self, output: Tensor) -> DepthState:
         """Add one sublayer output to the partial sum."""
         partial = output if self.partial is None else self.partial + output
-        return DepthState(blocks=self.blocks, partial=partial)
+        return DepthState(blocks=self.blocks, partial=partial, on_seal=self.on_seal)
 
 
 def seals_before(sublayer: int, sublayers_per_block: int) -> bool:

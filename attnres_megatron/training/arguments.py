@@ -204,8 +204,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if not args.lr > 0:
         _fail(f"--lr must be > 0; got {args.lr}.")
     if not 0 <= args.lr_warmup_iters < args.train_iters:
-        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters "
-              f"{args.train_iters}).")
+        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters {args.train_iters}).")
     if not 0 <= args.min_lr <= args.lr:
         _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
     validate_parallel_args(args, world_size)

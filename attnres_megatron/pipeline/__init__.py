@@ -1,0 +1,1 @@
+"""Pipeline parallelism for AttnRes: stage layouts, payloads, cross-stage cache, byte ledger."""
