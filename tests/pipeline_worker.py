@@ -114,12 +114,11 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from attnres_megatron.compat.pipeline_shapes import initialize_shape_channel
     from attnres_megatron.models.builder import build_gpt_model
     from attnres_megatron.pipeline.cache import get_source_cache
+    from attnres_megatron.pipeline.schedule import get_forward_backward_func
     from attnres_megatron.pipeline.ledger import get_byte_ledger
 
     oracle_loss, full = oracle(spec)
@@ -128,7 +127,6 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     parallel_state.initialize_model_parallel(
         1, spec["pp"], virtual_pipeline_model_parallel_size=virtual
     )
-    initialize_shape_channel()
     model_parallel_cuda_manual_seed(5)
     config = make_config(spec, True)
     chunks = []
@@ -169,7 +167,7 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
         forward_only=False,
     )
     finalize_model_grads(ddp)
-    cache_counts = get_source_cache().finish_iteration()
+    cache_counts = get_source_cache().last_counts
 
     mismatches, checked = [], 0
     for chunk in chunks:

@@ -1,81 +1,109 @@
-"""Exact-width stage payloads through Megatron-Core's p2p: an unambiguous shape channel.
+"""Exact-width stage payloads through Megatron-Core's p2p, without shape messages.
 
-AttnRes stage payloads differ in width per boundary, so Megatron must exchange tensor
-shapes before each transfer (``variable_seq_lengths``). Megatron-Core 0.16 posts the
-four shape messages of a step with ``batch_isend_irecv`` on the pipeline group itself,
-where point-to-point messages between two ranks are matched in posting order. With two
-pipeline stages the same peer is both ``prev`` and ``next``, so a forward-activation
-shape can pair with a backward-gradient shape; and shape messages can pair with data
-messages still in flight on the same group. Either silently corrupts or deadlocks an
-interleaved schedule.
+AttnRes stage payloads differ in width per boundary. Megatron-Core 0.16 handles unequal
+shapes (``variable_seq_lengths``) by exchanging shapes before every transfer, in a
+blocking phase that must finish in both directions before the data is posted. Under
+interleaved schedules this extra dependency deadlocks rings of four or more stages, and
+with two stages the forward and backward shape messages between the same pair of ranks
+can be matched to each other.
 
-This module replaces ``P2PCommunicator._communicate_shapes`` (version-checked) with one
-that sends shapes on two dedicated gloo groups per pipeline group: one for messages
-going downstream (``send_next``/``recv_prev``), one for upstream. Each group then
-carries a single, ordered stream per rank pair. Shapes are three integers, so a gloo
-(CPU) channel costs microseconds on GPU machines too.
+Every width is known in advance: it depends only on which chunk receives, and Megatron's
+schedule table fixes the order in which a rank's chunks receive. So this module
+replaces ``P2PCommunicator._communicate_shapes`` (version-checked, installed once) with a
+lookup in a per-call plan: no shape messages at all, and the same communication pattern
+as fixed-shape pipelines. :func:`plan_pipeline_shapes` builds the plan before a
+forward-backward call; :func:`finish_pipeline_shapes` checks it was used up exactly.
 """
 
 from __future__ import annotations
 
-import torch
+from collections import deque
+from dataclasses import dataclass, field
 
 from attnres_megatron.compat.megatron_fixes import check_megatron_core_version
 
-_CHANNELS: dict[tuple[int, ...], tuple[object, object]] = {}
+
+class PipelineShapeError(RuntimeError):
+    """The schedule asked for a transfer the plan did not foresee (or skipped one)."""
+
+
+@dataclass
+class ShapePlan:
+    """Receive shapes of this rank, in the order the schedule receives them."""
+
+    forward: deque = field(default_factory=deque)
+    backward: deque = field(default_factory=deque)
+
+
+_PLAN: ShapePlan | None = None
 _INSTALLED = False
 
 
-def initialize_shape_channel() -> None:
-    """Create the shape groups for every pipeline group (collective: call on all ranks
-    after ``initialize_model_parallel``) and install the shape exchange."""
-    from megatron.core import parallel_state
+def receive_order(num_microbatches: int, virtual_size: int, group_size: int) -> list[int]:
+    """Virtual stage of each forward step on a rank, in schedule order (Megatron's table)."""
+    if virtual_size == 1:
+        return [0] * num_microbatches
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
 
-    global _INSTALLED
-    check_megatron_core_version()
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    mine = tuple(parallel_state._PIPELINE_GLOBAL_RANKS)
-    everyone: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    _CHANNELS.clear()
-    for ranks in sorted(set(everyone)):
-        downstream = torch.distributed.new_group(list(ranks), backend="gloo")
-        upstream = torch.distributed.new_group(list(ranks), backend="gloo")
-        _CHANNELS[ranks] = (downstream, upstream)
-    if not _INSTALLED:
-        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    return [chunk for _, chunk in get_schedule_table(num_microbatches, virtual_size, group_size)]
 
-        P2PCommunicator._communicate_shapes = _communicate_shapes
-        _INSTALLED = True
+
+def plan_pipeline_shapes(
+    layout, pp_rank: int, num_microbatches: int, rows_per_source: int, micro_batch_size: int,
+    hidden_size: int, forward_only: bool, group_size: int,
+) -> None:
+    """Expected payload shapes for one forward-backward call on this rank."""
+    global _PLAN
+    _install()
+    plan = ShapePlan()
+    last = len(layout.chunks) - 1
+    order = receive_order(num_microbatches, layout.virtual_size, group_size)
+    for vp_stage in order:
+        chunk = layout.chunk(pp_rank, vp_stage)
+        if chunk.index > 0:
+            rows = layout.sources_received(chunk) * rows_per_source
+            plan.forward.append([rows, micro_batch_size, hidden_size])
+    if not forward_only:
+        for vp_stage in order:
+            chunk = layout.chunk(pp_rank, layout.virtual_size - 1 - vp_stage)
+            if chunk.index < last:
+                rows = layout.sources_received(layout.chunks[chunk.index + 1]) * rows_per_source
+                plan.backward.append([rows, micro_batch_size, hidden_size])
+    _PLAN = plan
+
+
+def finish_pipeline_shapes() -> None:
+    """Check the call received exactly the planned transfers; drop the plan."""
+    global _PLAN
+    plan, _PLAN = _PLAN, None
+    if plan is not None and (plan.forward or plan.backward):
+        raise PipelineShapeError(
+            f"the pipeline schedule skipped {len(plan.forward)} forward and {len(plan.backward)} "
+            "backward receives the AttnRes shape plan expected"
+        )
 
 
 def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
-    """Drop-in for ``P2PCommunicator._communicate_shapes`` over the per-direction groups."""
-    ranks = tuple(torch.distributed.get_process_group_ranks(self.pp_group))
-    if ranks not in _CHANNELS:
-        raise RuntimeError(
-            "the AttnRes pipeline shape channel is not initialised for this pipeline group; "
-            "call attnres_megatron.compat.pipeline_shapes.initialize_shape_channel() on all "
-            "ranks after initialize_model_parallel()"
+    """Drop-in for ``P2PCommunicator._communicate_shapes``: planned, not exchanged."""
+    if _PLAN is None:
+        raise PipelineShapeError(
+            "AttnRes pipeline payloads need a shape plan: run the schedule through "
+            "attnres_megatron.pipeline.schedule.get_forward_backward_func()"
         )
-    downstream, upstream = _CHANNELS[ranks]
-    received = {}
-    requests = []
-    if tensor_send_next is not None:
-        shape = torch.tensor(tensor_send_next.size(), dtype=torch.int64)
-        requests.append(torch.distributed.isend(shape, dst=self.next_rank, group=downstream))
-    if recv_prev:
-        received["prev"] = torch.empty(3, dtype=torch.int64)
-        requests.append(torch.distributed.irecv(received["prev"], src=self.prev_rank, group=downstream))
-    if tensor_send_prev is not None:
-        shape = torch.tensor(tensor_send_prev.size(), dtype=torch.int64)
-        requests.append(torch.distributed.isend(shape, dst=self.prev_rank, group=upstream))
-    if recv_next:
-        received["next"] = torch.empty(3, dtype=torch.int64)
-        requests.append(torch.distributed.irecv(received["next"], src=self.next_rank, group=upstream))
-    for request in requests:
-        request.wait()
-    prev_shape = received["prev"].tolist() if "prev" in received else [0, 0, 0]
-    next_shape = received["next"].tolist() if "next" in received else [0, 0, 0]
+    try:
+        prev_shape = _PLAN.forward.popleft() if recv_prev else [0, 0, 0]
+        next_shape = _PLAN.backward.popleft() if recv_next else [0, 0, 0]
+    except IndexError:
+        raise PipelineShapeError("the schedule received more payloads than planned") from None
     return prev_shape, next_shape
+
+
+def _install() -> None:
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    check_megatron_core_version()
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    P2PCommunicator._communicate_shapes = _communicate_shapes
+    _INSTALLED = True

@@ -65,6 +65,7 @@ class SourceCache:
         self.entries: dict[tuple[int, int], CacheEntry] = {}
         self.pending: dict[int, CacheEntry] = {}  # id(entry) -> entry, awaiting their drain
         self.stored = self.deposited = self.drained = 0
+        self.last_counts: dict = {}
 
     def store(self, micro_batch: int, block: int, source: Tensor) -> Tensor:
         """Cache ``source`` for later chunks; returns the tapped tensor this chunk must use."""
@@ -135,6 +136,7 @@ class SourceCache:
         self.pending.clear()
         self.entries.clear()
         self.stored = self.deposited = self.drained = 0
+        self.last_counts = counts
         if leaked:
             names = ", ".join(entry.describe() for entry in leaked[:5])
             raise CacheAccountingError(
