@@ -36,7 +36,8 @@ SCENARIOS = {
     "pp4_vpp2_block_unaligned": dict(pp=4, vpp=2, layers=8, block=3, micro_batches=4),
     "pp4_vpp2_full": dict(pp=4, vpp=2, layers=8, mode="full", micro_batches=4),
     "pp2_uneven_block": dict(pp=2, layers=5, block=4, micro_batches=3, first=2),
-    "pp4_uneven_first_last": dict(pp=4, layers=7, block=3, micro_batches=4, first=1, last=3),
+    "pp4_uneven_first_last": dict(pp=4, layers=8, block=3, micro_batches=4, first=1, last=3),
+    "pp2_vpp2_dropped_deposit": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, drop_deposit=True),
 }
 
 
@@ -54,19 +55,29 @@ def make_config(spec: dict, parallel: bool):
             pipeline_dtype=torch.float64,
         )
     return AttnResTransformerConfig(
-        num_layers=spec["layers"], hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=48,
-        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=torch.float64,
-        attention_residuals=mode, **({"attn_res_block_size": spec["block"]} if mode == "block" else {}),
+        num_layers=spec["layers"],
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float64,
+        attention_residuals=mode,
+        **({"attn_res_block_size": spec["block"]} if mode == "block" else {}),
         **pipeline,
     )
 
 
 def batches(spec: dict) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(17)
-    return [torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator)
-            for _ in range(spec["micro_batches"])]
+    return [
+        torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=generator) for _ in range(spec["micro_batches"])
+    ]
 
 
 def fp64_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -107,6 +118,26 @@ def oracle_name(name: str, chunk) -> str:
     return ".".join(parts)
 
 
+ORIGINAL_COLLECT = None
+
+
+def inject_dropped_deposit(cache) -> None:
+    """Fault injection: lose the first deposited gradient this rank would hand back."""
+    global ORIGINAL_COLLECT
+    cls = type(cache)
+    ORIGINAL_COLLECT = cls._collect
+    dropped = []
+
+    def collect_and_drop(self, entry):
+        grad = ORIGINAL_COLLECT(self, entry)
+        if grad is not None and not dropped:
+            dropped.append(entry.describe())
+            return None
+        return grad
+
+    cls._collect = collect_and_drop
+
+
 def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -117,23 +148,28 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from attnres_megatron.models.builder import build_gpt_model
-    from attnres_megatron.pipeline.cache import get_source_cache
+    from attnres_megatron.pipeline.cache import SourceCache, get_source_cache
     from attnres_megatron.pipeline.schedule import get_forward_backward_func
+
+    global ORIGINAL_COLLECT
+    ORIGINAL_COLLECT = SourceCache._collect
     from attnres_megatron.pipeline.ledger import get_byte_ledger
 
     oracle_loss, full = oracle(spec)
     parallel_state.destroy_model_parallel()
     virtual = spec.get("vpp")
-    parallel_state.initialize_model_parallel(
-        1, spec["pp"], virtual_pipeline_model_parallel_size=virtual
-    )
+    parallel_state.initialize_model_parallel(1, spec["pp"], virtual_pipeline_model_parallel_size=virtual)
     model_parallel_cuda_manual_seed(5)
     config = make_config(spec, True)
     chunks = []
     for vp_stage in range(virtual or 1):
         vp = vp_stage if virtual else None
         chunk = build_gpt_model(
-            config, VOCAB, SEQ, transformer_impl="local", vp_stage=vp,
+            config,
+            VOCAB,
+            SEQ,
+            transformer_impl="local",
+            vp_stage=vp,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
         ).double()
@@ -142,8 +178,7 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
                 param.copy_(full[oracle_name(param_name, chunk)][0])
         chunks.append(chunk)
     ddp = [
-        DistributedDataParallel(config, DistributedDataParallelConfig(), chunk,
-                                disable_bucketing=index > 0)
+        DistributedDataParallel(config, DistributedDataParallelConfig(), chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(chunks)
     ]
     config.finalize_model_grads_func = finalize_model_grads
@@ -152,20 +187,30 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     def forward_step(iterator, model):
         tokens = next(iterator)
         output = model(tokens, positions_like(tokens), None)
-        return output, partial(lambda t, logits: (fp64_loss(logits, t), {"loss": fp64_loss(logits, t)}), tokens)
+        return output, partial(
+            lambda t, logits: (fp64_loss(logits, t), {"loss": fp64_loss(logits, t)}), tokens
+        )
 
     get_byte_ledger().reset()
     for model in ddp:
         model.zero_grad_buffer()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=[iter(data) for _ in ddp] if virtual else iter(data),
-        model=ddp if virtual else ddp[0],
-        num_microbatches=len(data),
-        seq_length=SEQ,
-        micro_batch_size=MICRO_BATCH,
-        forward_only=False,
-    )
+    if spec.get("drop_deposit"):
+        inject_dropped_deposit(get_source_cache())
+    accounting_error = None
+    try:
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(data) for _ in ddp] if virtual else iter(data),
+            model=ddp if virtual else ddp[0],
+            num_microbatches=len(data),
+            seq_length=SEQ,
+            micro_batch_size=MICRO_BATCH,
+            forward_only=False,
+        )
+    except Exception as error:  # recorded for the test to inspect
+        accounting_error, outputs = f"{type(error).__name__}: {error}", []
+    finally:
+        type(get_source_cache())._collect = ORIGINAL_COLLECT
     finalize_model_grads(ddp)
     cache_counts = get_source_cache().last_counts
 
@@ -178,7 +223,7 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
                 mismatches.append(f"{oracle_name(param_name, chunk)}: max abs err {err:.3e}")
             checked += 1
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    loss = (sum(out["loss"].item() for out in outputs) / len(data)) if last_stage else None
+    loss = (sum(out["loss"].item() for out in outputs) / len(data)) if last_stage and outputs else None
     result = {
         "scenario": name,
         "rank": torch.distributed.get_rank(),
@@ -188,6 +233,7 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
         "grad_mismatches": mismatches,
         "ledger": {str(k): v for k, v in get_byte_ledger().summary().items()},
         "cache": cache_counts,
+        "accounting_error": accounting_error,
         "layer_numbers": [[layer.layer_number for layer in c.decoder.layers] for c in chunks],
     }
     (out_dir / f"{name}.rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result, indent=1))

@@ -66,6 +66,7 @@ class SourceCache:
         self.pending: dict[int, CacheEntry] = {}  # id(entry) -> entry, awaiting their drain
         self.stored = self.deposited = self.drained = 0
         self.last_counts: dict = {}
+        self.violations: list[str] = []
 
     def store(self, micro_batch: int, block: int, source: Tensor) -> Tensor:
         """Cache ``source`` for later chunks; returns the tapped tensor this chunk must use."""
@@ -101,7 +102,7 @@ class SourceCache:
 
     def _count_deposit(self, entry: CacheEntry) -> None:
         if entry.drains:
-            raise CacheAccountingError(f"{entry.describe()}: gradient deposited after its drain")
+            self.violations.append(f"{entry.describe()}: gradient deposited after its drain")
         entry.deposits += 1
         self.deposited += 1
 
@@ -112,16 +113,18 @@ class SourceCache:
 
     def drain(self, entry: CacheEntry) -> Optional[Tensor]:
         """Hand the deposited gradient to the producer, exactly once."""
+        # Problems are recorded, not raised: raising inside one rank's backward would leave
+        # its pipeline peers waiting forever; finish_iteration() reports them all.
         entry.drains += 1
         if entry.drains > 1:
-            raise CacheAccountingError(f"{entry.describe()}: drained twice")
+            self.violations.append(f"{entry.describe()}: drained twice")
         grad = self._collect(entry)
         if entry.deposits and grad is None:
-            raise CacheAccountingError(
+            self.violations.append(
                 f"{entry.describe()}: {entry.deposits} gradient deposit(s) never reached the producer"
             )
         if grad is not None and not entry.deposits:
-            raise CacheAccountingError(f"{entry.describe()}: gradient arrived without a deposit")
+            self.violations.append(f"{entry.describe()}: gradient arrived without a deposit")
         entry.delivered = True
         self.drained += 1
         self.pending.pop(id(entry), None)
@@ -132,6 +135,7 @@ class SourceCache:
     def finish_iteration(self) -> dict:
         """Check every tapped entry was drained once; clear the cache. Returns the counts."""
         leaked = list(self.pending.values())
+        violations, self.violations = self.violations, []
         counts = {"stored": self.stored, "deposits": self.deposited, "drains": self.drained}
         self.pending.clear()
         self.entries.clear()
@@ -139,9 +143,9 @@ class SourceCache:
         self.last_counts = counts
         if leaked:
             names = ", ".join(entry.describe() for entry in leaked[:5])
-            raise CacheAccountingError(
-                f"{len(leaked)} cached block(s) were never drained (gradients lost): {names}"
-            )
+            violations.append(f"{len(leaked)} cached block(s) were never drained (gradients lost): {names}")
+        if violations:
+            raise CacheAccountingError("; ".join(violations))
         return counts
 
 
