@@ -122,6 +122,35 @@ def test_torchrun_expert_parallel_moe_dispatchers_agree(tmp_path):
     assert runs["alltoall"][-1] < runs["alltoall"][0] - 0.3
 
 
+def test_torchrun_interleaved_pipeline_trains_and_reports_cached_traffic(tmp_path):
+    summary = tmp_path / "pp.json"
+    result = pretrain(
+        torchrun(2),
+        *TINY,
+        "--num-layers",
+        "4",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--num-virtual-stages-per-pipeline-rank",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--summary-json",
+        str(summary),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(summary.read_text())
+    assert data["losses"][-1] < data["losses"][0] - 0.3
+    traffic = data["pipeline_traffic"]
+    assert [row["boundary"] for row in traffic] == ["0->1", "1->2", "2->3"]
+    for row in traffic:
+        assert row["forward_bytes_per_micro_batch"] == row["backward_bytes_per_micro_batch"]
+        per_source = row["forward_bytes_per_micro_batch"] // row["sources_cached"]
+        assert per_source == 32 * 2 * 64 * 4  # [s, b, h] in fp32
+    assert sum(r["sources_cached"] for r in traffic) < sum(r["sources_naive"] for r in traffic)
+    assert "pipeline boundary 2->3" in result.stdout
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (scripts/install_mpi.sh)")
 def test_mpirun_four_processes_runs_tiny_pretraining(tmp_path, single_process_losses):
     pytest.importorskip("mpi4py", reason="mpi4py not installed (scripts/install_mpi.sh)")

@@ -49,8 +49,14 @@ def receive_order(num_microbatches: int, virtual_size: int, group_size: int) -> 
 
 
 def plan_pipeline_shapes(
-    layout, pp_rank: int, num_microbatches: int, rows_per_source: int, micro_batch_size: int,
-    hidden_size: int, forward_only: bool, group_size: int,
+    layout,
+    pp_rank: int,
+    num_microbatches: int,
+    rows_per_source: int,
+    micro_batch_size: int,
+    hidden_size: int,
+    forward_only: bool,
+    group_size: int,
 ) -> None:
     """Expected payload shapes for one forward-backward call on this rank."""
     global _PLAN

@@ -22,20 +22,32 @@ def get_forward_backward_func():
     lost gradients after it. Same signature and return value as Megatron's."""
     schedule = megatron_forward_backward_func()
 
-    def forward_backward(*, model, num_microbatches, seq_length, micro_batch_size,
-                         forward_only=False, **kwargs):
+    def forward_backward(
+        *, model, num_microbatches, seq_length, micro_batch_size, forward_only=False, **kwargs
+    ):
         layout, config = _layout_and_config(model)
         if layout is not None:
             rows = seq_length // config.context_parallel_size
             if config.sequence_parallel:
                 rows //= config.tensor_model_parallel_size
             plan_pipeline_shapes(
-                layout, parallel_state.get_pipeline_model_parallel_rank(), num_microbatches, rows,
-                micro_batch_size, config.hidden_size, forward_only,
+                layout,
+                parallel_state.get_pipeline_model_parallel_rank(),
+                num_microbatches,
+                rows,
+                micro_batch_size,
+                config.hidden_size,
+                forward_only,
                 config.microbatch_group_size_per_vp_stage or layout.pipeline_size,
             )
-        result = schedule(model=model, num_microbatches=num_microbatches, seq_length=seq_length,
-                          micro_batch_size=micro_batch_size, forward_only=forward_only, **kwargs)
+        result = schedule(
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+            **kwargs,
+        )
         if layout is not None:
             finish_pipeline_shapes()
             get_source_cache().finish_iteration()

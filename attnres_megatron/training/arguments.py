@@ -115,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--num-virtual-stages-per-pipeline-rank",
+        type=int,
+        default=None,
+        help="Interleaved 1F1B: model chunks per pipeline rank (cross-stage "
+        "caching of AttnRes blocks applies).",
+    )
+    parallel.add_argument(
+        "--decoder-first-pipeline-num-layers",
+        type=int,
+        default=None,
+        help="Layers on the first pipeline stage (uneven split).",
+    )
+    parallel.add_argument(
+        "--decoder-last-pipeline-num-layers",
+        type=int,
+        default=None,
+        help="Layers on the last pipeline stage (uneven split).",
+    )
+    parallel.add_argument(
+        "--pipeline-model-parallel-layout",
+        default=None,
+        help="Megatron layout string, e.g. 'Et*3|t*3|t*2L' (overrides the counts).",
+    )
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--context-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -261,6 +285,14 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
             )
         if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
             _fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid.")
+    vpp = args.num_virtual_stages_per_pipeline_rank
+    if vpp is not None and (vpp < 1 or pp == 1):
+        _fail(
+            "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1 and "
+            "a value >= 1."
+        )
+    if pp == 1 and (args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers):
+        _fail("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1.")
     data_parallel = world_size // model_parallel
     per_step = args.micro_batch_size * data_parallel
     if args.global_batch_size is None:

@@ -60,6 +60,11 @@ def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransforme
         use_cpu_initialization=device == "cpu",
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(args),
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         sequence_parallel=args.sequence_parallel,
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
@@ -74,43 +79,55 @@ def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransforme
     )
 
 
+def virtual_stages(args: argparse.Namespace):
+    """Megatron's virtual pipeline size (None unless interleaving)."""
+    vpp = args.num_virtual_stages_per_pipeline_rank
+    return vpp if vpp and vpp > 1 else None
+
+
 @dataclass
 class TrainingSetup:
-    """Everything the loop needs: the DDP-wrapped model, optimizer and LR scheduler."""
+    """Everything the loop needs: the DDP-wrapped model chunks, optimizer and scheduler."""
 
     config: AttnResTransformerConfig
-    model: DistributedDataParallel
+    chunks: list[DistributedDataParallel]
     optimizer: torch.optim.Optimizer
     scheduler: OptimizerParamScheduler
 
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        """The AttnRes GPT inside the DDP (and bf16) wrappers."""
-        module = self.model.module
-        return module.module if isinstance(module, Float16Module) else module
+    def unwrapped(self) -> list[torch.nn.Module]:
+        """The AttnRes GPT chunks inside the DDP (and bf16) wrappers."""
+        modules = [chunk.module for chunk in self.chunks]
+        return [m.module if isinstance(m, Float16Module) else m for m in modules]
 
 
 def setup_training(
     args: argparse.Namespace, config: AttnResTransformerConfig, vocab_size: int, device: str
 ) -> TrainingSetup:
-    """Build the model on ``device``, wrap it for bf16 and data parallelism, and create
-    Megatron's optimizer (AttnRes vectors and norms are not weight-decayed) and scheduler."""
-    model = build_gpt_model(
-        config,
-        vocab_size=vocab_size,
-        max_sequence_length=args.seq_length,
-        transformer_impl=args.transformer_impl,
-        position_embedding_type=args.position_embedding_type,
-    ).to(device)
-    if args.bf16:
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
+    """Build this rank's model chunks on ``device`` (one per virtual pipeline stage), wrap
+    them for bf16 and data parallelism, and create Megatron's optimizer (AttnRes vectors and
+    norms are not weight-decayed) and scheduler."""
+    from megatron.core import parallel_state
+
+    virtual = virtual_stages(args)
+    ddp = []
+    for vp_stage in range(virtual or 1):
+        vp = vp_stage if virtual else None
+        model = build_gpt_model(
+            config,
+            vocab_size=vocab_size,
+            max_sequence_length=args.seq_length,
+            transformer_impl=args.transformer_impl,
+            position_embedding_type=args.position_embedding_type,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        ).to(device)
+        if args.bf16:
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer
-        ),
-        model,
-    )
+        )
+        ddp.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -124,7 +141,7 @@ def setup_training(
             params_dtype=config.params_dtype,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
-        [ddp],
+        ddp,
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -140,5 +157,6 @@ def setup_training(
         wd_incr_style="constant",
     )
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
+    no_sync = [chunk.no_sync for chunk in ddp]
+    config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
     return TrainingSetup(config, ddp, optimizer, scheduler)

@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from attnres_megatron.pipeline.ledger import get_byte_ledger
+from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args, validate_args
 from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE, TokenWindows, load_stdlib_corpus
 from attnres_megatron.training.distributed import (
@@ -22,7 +23,12 @@ from attnres_megatron.training.distributed import (
     shutdown_parallel,
 )
 from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
-from attnres_megatron.training.model_setup import TrainingSetup, config_from_args, setup_training
+from attnres_megatron.training.model_setup import (
+    TrainingSetup,
+    config_from_args,
+    setup_training,
+    virtual_stages,
+)
 
 
 def log(message: str) -> None:
@@ -82,6 +88,7 @@ def train(args: argparse.Namespace) -> dict:
         args.seed,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(args),
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
@@ -96,7 +103,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> str:
     config = setup.config
-    params = sum(p.numel() for p in setup.unwrapped.parameters())
+    params = sum(p.numel() for chunk in setup.unwrapped() for p in chunk.parameters())
     attn_res = args.attention_residuals
     if config.attn_res_enabled:
         attn_res += (
@@ -105,7 +112,8 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         )
     parallel = (
         f"world {torch.distributed.get_world_size()} via {launcher}: TP {args.tensor_model_parallel_size}"
-        f"{' + SP' if args.sequence_parallel else ''}, PP {args.pipeline_model_parallel_size}, "
+        f"{' + SP' if args.sequence_parallel else ''}, PP {args.pipeline_model_parallel_size}"
+        f"{f' x VPP {virtual_stages(args)}' if virtual_stages(args) else ''}, "
         f"CP {args.context_parallel_size}, EP {args.expert_model_parallel_size}, "
         f"DP {parallel_state.get_data_parallel_world_size()}"
     )
@@ -123,23 +131,27 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
     forward_backward = get_forward_backward_func()
     losses: list[float] = []
     start = interval_start = time.perf_counter()
-    setup.model.train()
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    for chunk in setup.chunks:
+        chunk.train()
     for step in range(args.train_iters):
-        setup.model.zero_grad_buffer()
+        for chunk in setup.chunks:
+            chunk.zero_grad_buffer()
         setup.optimizer.zero_grad()
         batches = micro_batches(data, args, device)
         outputs = forward_backward(
             forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[setup.model],
+            data_iterator=[iter(batches) for _ in setup.chunks],
+            model=setup.chunks,
             num_microbatches=len(batches),
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
         updated, grad_norm, _ = setup.optimizer.step()
-        loss = reduced_loss(outputs)
-        if not updated or grad_norm is None or not torch.isfinite(torch.tensor([loss, grad_norm])).all():
+        loss = reduced_loss(outputs) if last_stage else float("nan")
+        finite = grad_norm is not None and (not last_stage or torch.isfinite(torch.tensor(loss)))
+        if not updated or not finite or not torch.isfinite(torch.tensor(grad_norm)):
             raise SystemExit(
                 f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at iteration {step + 1}."
             )
@@ -158,6 +170,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             interval_start = now
     elapsed = time.perf_counter() - start
     tokens = args.global_batch_size * args.seq_length * args.train_iters
+    pipeline = pipeline_traffic(setup)
     summary = {
         "attention_residuals": args.attention_residuals,
         "sublayers_per_block": setup.config.attn_res_sublayers_per_block,
@@ -168,6 +181,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         "tokens_per_second": tokens / elapsed,
         "elapsed_seconds": elapsed,
         "world_size": torch.distributed.get_world_size(),
+        "pipeline_traffic": pipeline,
         "launcher": launcher,
         "device": device,
     }
@@ -180,6 +194,44 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         with open(args.summary_json, "w") as handle:
             json.dump(summary, handle, indent=2)
     return summary
+
+
+def pipeline_traffic(setup: TrainingSetup) -> list[dict]:
+    """Measured bytes per boundary (last iteration, per micro-batch) from every rank's
+    ledger, beside the analytic counts without (Eq. 7) and with (Eq. 8) the cache."""
+    layout = getattr(setup.unwrapped()[0].decoder, "attn_res_layout", None)
+    if layout is None:
+        return []
+    ledgers = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ledgers, get_byte_ledger().summary())
+    rows = []
+    for receiver in layout.chunks[1:]:
+        boundary = receiver.index - 1
+        forward = [
+            led[boundary]["forward_bytes"] for led in ledgers if led.get(boundary, {}).get("forward_bytes")
+        ]
+        backward = [
+            led[boundary]["backward_bytes"] for led in ledgers if led.get(boundary, {}).get("backward_bytes")
+        ]
+        per_source = next(iter(forward[0].values())) // layout.sources_received(receiver) if forward else 0
+        rows.append(
+            {
+                "boundary": f"{boundary}->{receiver.index}",
+                "sources_cached": layout.sources_received(receiver),
+                "sources_naive": layout.sources_received(receiver, cached=False),
+                "forward_bytes_per_micro_batch": next(iter(forward[0].values())) if forward else None,
+                "backward_bytes_per_micro_batch": next(iter(backward[0].values())) if backward else None,
+                "naive_bytes_per_micro_batch": per_source * layout.sources_received(receiver, cached=False),
+            }
+        )
+    for row in rows:
+        log(
+            f"> pipeline boundary {row['boundary']}: {row['sources_cached']} sources "
+            f"(naive {row['sources_naive']}) | bytes per micro-batch forward "
+            f"{row['forward_bytes_per_micro_batch']}, backward {row['backward_bytes_per_micro_batch']}"
+            f" (naive {row['naive_bytes_per_micro_batch']})"
+        )
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
