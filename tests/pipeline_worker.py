@@ -37,6 +37,7 @@ SCENARIOS = {
     "pp4_vpp2_full": dict(pp=4, vpp=2, layers=8, mode="full", micro_batches=4),
     "pp2_uneven_block": dict(pp=2, layers=5, block=4, micro_batches=3, first=2),
     "pp4_uneven_first_last": dict(pp=4, layers=8, block=3, micro_batches=4, first=1, last=3),
+    "pp2_layout_1_3": dict(pp=2, layers=4, block=3, micro_batches=3, layout="Et|t*3L", split=[1, 3]),
     "pp2_vpp2_dropped_deposit": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, drop_deposit=True),
 }
 
@@ -52,6 +53,7 @@ def make_config(spec: dict, parallel: bool):
             virtual_pipeline_model_parallel_size=spec.get("vpp"),
             num_layers_in_first_pipeline_stage=spec.get("first"),
             num_layers_in_last_pipeline_stage=spec.get("last"),
+            pipeline_model_parallel_layout=spec.get("layout"),
             pipeline_dtype=torch.float64,
         )
     return AttnResTransformerConfig(

@@ -421,8 +421,9 @@ def test_reads_os_environ_by_default(monkeypatch):
 
 
 def test_export_for_torch_round_trips(monkeypatch):
-    for name in TORCH_VARS:
-        monkeypatch.delenv(name, raising=False)  # restored (or removed) after the test
+    # A private copy of the environment: delenv() on an unset variable records nothing, so
+    # values exported here would leak into every later test's subprocesses.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in TORCH_VARS})
     launch = LaunchEnv(9, 16, 1, 8, "gpu007", 13456, "slurm")
     export_for_torch(launch)
     assert {name: os.environ[name] for name in TORCH_VARS} == {

@@ -49,7 +49,9 @@ def results(tmp_path_factory) -> dict:
 def chunk_layer_ranges(spec: dict) -> list[tuple[int, int]]:
     """Global layer range of every chunk (chunk v * P + r), from the scenario alone."""
     layers, pp, vpp = spec["layers"], spec["pp"], spec.get("vpp") or 1
-    if vpp > 1:
+    if "split" in spec:
+        counts = spec["split"]
+    elif vpp > 1:
         per_chunk = layers // (pp * vpp)
         counts = [per_chunk] * (pp * vpp)
     else:

@@ -1,0 +1,89 @@
+"""NoPE Multi-head Latent Attention (Kimi Linear's full-attention layers) on Megatron-Core's MLA.
+
+Kimi Linear's MLA (``mla_use_nope=true``) keeps DeepSeek's 64-d "rope" slice of every query
+head and the single shared key slice, but never rotates them. Megatron-Core 0.16.1's
+``MLASelfAttention`` always builds a ``RotaryEmbedding`` and applies it to that slice, so
+:class:`NoPEMLASelfAttention` swaps in :class:`NoRotaryEmbedding`: a rotary embedding with
+zero rotary channels. Megatron's rotary apply rotates ``t[..., :rot_dim]`` and passes
+``t[..., rot_dim:]`` through unchanged, so with ``rot_dim = 0`` the slice reaches the
+attention bit for bit as projected (no angle, and no even/odd deinterleave either), at the
+cost of one concatenation. Everything else (projections, the 512-d latent RMSNorm, the
+softmax scale ``1/sqrt(qk_head_dim + qk_pos_emb_head_dim)``, tensor/sequence/context
+parallelism) is stock Megatron-Core.
+
+Use it with ``rope_type='rope'`` (YaRN would also rescale the softmax and the slice) and
+``apply_rope_fusion=False``, and build the model with ``position_embedding_type='none'``:
+``GPTModel`` then passes ``rotary_pos_emb=None`` to the layers, as MLA requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.models.common.embeddings import RotaryEmbedding
+from megatron.core.transformer import multi_latent_attention
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from attnres_megatron.compat.megatron_fixes import check_megatron_core_version
+from attnres_megatron.layers.sdpa_attention import SDPACoreAttention
+
+
+def fix_mla_without_transformer_engine() -> None:
+    """Let Megatron-Core 0.16's MLA build without Transformer Engine.
+
+    Without TE, ``multi_latent_attention.TELinear`` is a placeholder (not a class) while
+    ``HAVE_TE`` stays true, so ``MultiLatentAttention.__init__``'s ``isinstance(linear_proj,
+    TELinear)`` (its only use of ``HAVE_TE``) raises ``TypeError``. Mark TE as absent there.
+    """
+    check_megatron_core_version()
+    if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
+
+
+class NoRotaryEmbedding(RotaryEmbedding):
+    """A ``RotaryEmbedding`` with zero rotary channels: ``apply_rotary_pos_emb`` becomes the identity."""
+
+    def __init__(self, cp_group: Optional[torch.distributed.ProcessGroup] = None) -> None:
+        super().__init__(kv_channels=2, rotary_percent=1.0, use_cpu_initialization=True, cp_group=cp_group)
+        # freqs = outer(positions, inv_freq) is then [s, 0]: nothing is rotated or permuted.
+        self.inv_freq = self.inv_freq[:0]
+
+
+class MLASDPACoreAttention(SDPACoreAttention):
+    """SDPA core attention for MLA's local spec: q/k heads of ``k_channels``, v heads of ``v_channels``."""
+
+    def __init__(
+        self, *args: Any, k_channels: Optional[int] = None, v_channels: Optional[int] = None, **kwargs: Any
+    ) -> None:
+        # Megatron's DotProductAttention takes no per-tensor head sizes (MLA is TE-only in 0.16.1);
+        # SDPA reads them from the tensors, and MLA passes its softmax scale explicitly.
+        super().__init__(*args, **kwargs)
+        self.k_channels, self.v_channels = k_channels, v_channels
+
+
+class NoPEMLASelfAttention(MLASelfAttention):
+    """Megatron-Core ``MLASelfAttention`` whose positional q/k slice is never rotated (NoPE)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MLASelfAttentionSubmodules,
+        layer_number: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        if getattr(config, "rope_type", None) != "rope":
+            raise ValueError(
+                f"NoPE MLA needs rope_type='rope' (got {getattr(config, 'rope_type', None)!r}): "
+                "YaRN would rescale the softmax and the positional slice."
+            )
+        if config.apply_rope_fusion:
+            raise ValueError("NoPE MLA needs apply_rope_fusion=False (there is nothing to rotate).")
+        fix_mla_without_transformer_engine()
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        self.rotary_pos_emb = NoRotaryEmbedding(cp_group=self.pg_collection.cp)
