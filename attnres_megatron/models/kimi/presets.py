@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -270,8 +269,3 @@ def build_kimi_linear_model(
         position_embedding_type="none",
         vp_stage=vp_stage,
     )
-
-
-def meta_device() -> torch.device:
-    """The device for parameter-free model construction (``with meta_device(): ...``)."""
-    return torch.device("meta")
