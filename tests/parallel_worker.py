@@ -28,6 +28,8 @@ SCENARIOS = {
     "dp2": dict(),
     "ep2_alltoall": dict(ep=2, moe="alltoall"),
     "ep2_allgather": dict(ep=2, moe="allgather"),
+    "kimi_tiny_tp2_sp": dict(tp=2, sp=True, kimi=True),
+    "kimi_tiny_ep2": dict(ep=2, kimi=True),
 }
 VOCAB, SEQ, MICRO_BATCH, GLOBAL_MICRO_BATCHES = 64, 8, 2, 2
 TOLERANCE = dict(rtol=1e-9, atol=1e-11)  # fp64 throughout
@@ -35,6 +37,19 @@ TOLERANCE = dict(rtol=1e-9, atol=1e-11)  # fp64 throughout
 
 def make_config(spec: dict, tp: int = 1, ep: int = 1):
     from attnres_megatron import AttnResTransformerConfig
+
+    if spec.get("kimi"):
+        from attnres_megatron.models.kimi.presets import kimi_linear_config
+
+        return kimi_linear_config(
+            "kimi-linear-tiny",
+            use_cpu_initialization=True,
+            params_dtype=torch.float64,
+            tensor_model_parallel_size=tp,
+            sequence_parallel=spec.get("sp", False) and tp > 1,
+            expert_model_parallel_size=ep,
+            moe_router_dtype="fp64",
+        )
 
     mode = spec.get("mode", "block")
     moe = {}
@@ -74,7 +89,10 @@ def make_config(spec: dict, tp: int = 1, ep: int = 1):
 
 def build(config):
     from attnres_megatron.models.builder import build_gpt_model
+    from attnres_megatron.models.kimi.presets import KimiLinearConfig, build_kimi_linear_model
 
+    if isinstance(config, KimiLinearConfig):
+        return build_kimi_linear_model(config, max_sequence_length=SEQ, transformer_impl="local").double()
     return build_gpt_model(config, VOCAB, SEQ, transformer_impl="local").double()
 
 
@@ -89,7 +107,8 @@ def forward_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 
     positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
     logits = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
 
 
 def reference_name(name: str, config) -> str:

@@ -38,6 +38,7 @@ SCENARIOS = {
     "pp2_uneven_block": dict(pp=2, layers=5, block=4, micro_batches=3, first=2),
     "pp4_uneven_first_last": dict(pp=4, layers=8, block=3, micro_batches=4, first=1, last=3),
     "pp2_layout_1_3": dict(pp=2, layers=4, block=3, micro_batches=3, layout="Et|t*3L", split=[1, 3]),
+    "kimi_tiny_pp2_uneven": dict(pp=2, layers=5, block=4, micro_batches=3, first=2, kimi=True, hidden=64),
     "pp2_vpp2_dropped_deposit": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, drop_deposit=True),
 }
 
@@ -83,7 +84,17 @@ def batches(spec: dict) -> list[torch.Tensor]:
 
 
 def fp64_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+
+
+def build(config, **stage):
+    from attnres_megatron.models.builder import build_gpt_model
+    from attnres_megatron.models.kimi.presets import KimiLinearConfig, build_kimi_linear_model
+
+    if isinstance(config, KimiLinearConfig):
+        return build_kimi_linear_model(config, max_sequence_length=SEQ, transformer_impl="local", **stage)
+    return build_gpt_model(config, VOCAB, SEQ, transformer_impl="local", **stage)
 
 
 def positions_like(tokens: torch.Tensor) -> torch.Tensor:
@@ -94,13 +105,11 @@ def oracle(spec: dict) -> tuple[float, dict]:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from attnres_megatron.models.builder import build_gpt_model
-
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 1)
     torch.manual_seed(5)
     model_parallel_cuda_manual_seed(5)
-    model = build_gpt_model(make_config(spec, False), VOCAB, SEQ, transformer_impl="local").double()
+    model = build(make_config(spec, False)).double()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():

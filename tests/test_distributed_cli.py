@@ -151,6 +151,51 @@ def test_torchrun_interleaved_pipeline_trains_and_reports_cached_traffic(tmp_pat
     assert "pipeline boundary 2->3" in result.stdout
 
 
+KIMI_TINY = [
+    "--device",
+    "cpu",
+    "--model",
+    "kimi-linear-tiny",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--train-iters",
+    "20",
+    "--lr-warmup-iters",
+    "2",
+    "--log-interval",
+    "10",
+    "--corpus-bytes",
+    "300000",
+]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        ["--expert-model-parallel-size", "2", "--global-batch-size", "4"],
+        [
+            "--pipeline-model-parallel-size",
+            "2",
+            "--decoder-first-pipeline-num-layers",
+            "2",
+            "--global-batch-size",
+            "4",
+        ],
+    ],
+    ids=["tp2_sp", "ep2", "pp2"],
+)
+def test_kimi_linear_tiny_trains_in_parallel(tmp_path, args):
+    summary = tmp_path / "kimi.json"
+    result = pretrain(torchrun(2), *KIMI_TINY, *args, "--summary-json", str(summary))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(summary.read_text())
+    assert data["model"] == "kimi-linear-tiny" and data["attention_residuals"] == "block"
+    assert sum(data["losses"][-3:]) / 3 < sum(data["losses"][:3]) / 3 - 0.5
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (scripts/install_mpi.sh)")
 def test_mpirun_four_processes_runs_tiny_pretraining(tmp_path, single_process_losses):
     pytest.importorskip("mpi4py", reason="mpi4py not installed (scripts/install_mpi.sh)")

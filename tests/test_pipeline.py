@@ -112,7 +112,7 @@ def test_bytes_per_boundary_equal_the_analytic_minimum(results, scenario):
             for d in ranks
             if d["ledger"].get(str(boundary), {}).get("backward_bytes")
         ]
-        per_micro_batch = sources * SEQ * MICRO_BATCH * HIDDEN * FP64_BYTES
+        per_micro_batch = sources * SEQ * MICRO_BATCH * spec.get("hidden", HIDDEN) * FP64_BYTES
         want = {str(m): per_micro_batch for m in micro_batches}
         assert forward == [want], (boundary, sources)
         assert backward == [want], (boundary, sources)

@@ -86,8 +86,9 @@ def _kernels() -> dict[str, Any]:
     tl = triton.language
 
     @triton.jit
-    def _load_tile(table_ptr, stride_ptr, idx, rows, cols, row_mask, col_mask, batch_inner,
-                   ELT: tl.constexpr):
+    def _load_tile(
+        table_ptr, stride_ptr, idx, rows, cols, row_mask, col_mask, batch_inner, ELT: tl.constexpr
+    ):
         """Load ``[BLOCK_T, BLOCK_H]`` of source ``idx`` (fp32) using its pointer/stride table."""
         base = tl.load(table_ptr + idx).to(tl.pointer_type(ELT))
         s_a = tl.load(stride_ptr + idx * 3 + 0)
@@ -100,9 +101,21 @@ def _kernels() -> dict[str, Any]:
 
     @triton.jit
     def _forward_kernel(
-        table_ptr, stride_ptr, u_ptr, out_ptr, logit_ptr, rinv_ptr, lse_ptr,
-        n_tokens, hidden, batch_inner, eps,
-        N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SINGLE_TILE: tl.constexpr,
+        table_ptr,
+        stride_ptr,
+        u_ptr,
+        out_ptr,
+        logit_ptr,
+        rinv_ptr,
+        lse_ptr,
+        n_tokens,
+        hidden,
+        batch_inner,
+        eps,
+        N: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        SINGLE_TILE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -141,8 +154,7 @@ def _kernels() -> dict[str, Any]:
                     cols = h0 + tl.arange(0, BLOCK_H)
                     col_mask = cols < hidden
                     u = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
-                    v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask,
-                                   batch_inner, ELT)
+                    v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
                     sq += tl.sum(v * v, axis=1)
                     dot += tl.sum(v * u[None, :], axis=1)
                 r = 1.0 / tl.sqrt(sq / hidden + eps)
@@ -160,8 +172,7 @@ def _kernels() -> dict[str, Any]:
                 for i in tl.static_range(N):
                     logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                     w = tl.exp(logit - m) / d
-                    v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask,
-                                   batch_inner, ELT)
+                    v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
                     acc += w[:, None] * v
                 out_ptrs = out_ptr + rows[:, None] * hidden + cols[None, :]
                 tl.store(out_ptrs, acc.to(ELT), mask=row_mask[:, None] & col_mask[None, :])
@@ -169,10 +180,24 @@ def _kernels() -> dict[str, Any]:
 
     @triton.jit
     def _backward_kernel(
-        table_ptr, stride_ptr, gtable_ptr, u_ptr, grad_ptr, logit_ptr, rinv_ptr, lse_ptr,
-        galpha_ptr, du_ptr,
-        n_tokens, hidden, batch_inner, blocks_per_program,
-        N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SINGLE_TILE: tl.constexpr,
+        table_ptr,
+        stride_ptr,
+        gtable_ptr,
+        u_ptr,
+        grad_ptr,
+        logit_ptr,
+        rinv_ptr,
+        lse_ptr,
+        galpha_ptr,
+        du_ptr,
+        n_tokens,
+        hidden,
+        batch_inner,
+        blocks_per_program,
+        N: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        SINGLE_TILE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         ELT = grad_ptr.dtype.element_ty
@@ -187,8 +212,9 @@ def _kernels() -> dict[str, Any]:
                 rows = rows.to(tl.int64)
                 row_mask = rows < n_tokens
                 mask2 = row_mask[:, None] & col_mask[None, :]
-                g = tl.load(grad_ptr + rows[:, None] * hidden + cols[None, :], mask=mask2,
-                            other=0.0).to(tl.float32)
+                g = tl.load(grad_ptr + rows[:, None] * hidden + cols[None, :], mask=mask2, other=0.0).to(
+                    tl.float32
+                )
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
                 # Pass A: c = sum_i alpha_i (grad . v_i)  (first read of each source).
                 c = tl.zeros([BLOCK_T], tl.float32)
@@ -227,10 +253,14 @@ def _kernels() -> dict[str, Any]:
                     for h0 in range(0, hidden, BLOCK_H):
                         cols = h0 + tl.arange(0, BLOCK_H)
                         col_mask = cols < hidden
-                        g = tl.load(grad_ptr + rows[:, None] * hidden + cols[None, :],
-                                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-                        v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask,
-                                       batch_inner, ELT)
+                        g = tl.load(
+                            grad_ptr + rows[:, None] * hidden + cols[None, :],
+                            mask=row_mask[:, None] & col_mask[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        v = _load_tile(
+                            table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT
+                        )
                         ga += tl.sum(g * v, axis=1)
                     tl.store(galpha_ptr + i * n_tokens + rows, ga, mask=row_mask)
                     logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
@@ -241,8 +271,9 @@ def _kernels() -> dict[str, Any]:
                     col_mask = cols < hidden
                     mask2 = row_mask[:, None] & col_mask[None, :]
                     u = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
-                    g = tl.load(grad_ptr + rows[:, None] * hidden + cols[None, :], mask=mask2,
-                                other=0.0).to(tl.float32)
+                    g = tl.load(grad_ptr + rows[:, None] * hidden + cols[None, :], mask=mask2, other=0.0).to(
+                        tl.float32
+                    )
                     du = tl.load(du_ptr + pid * hidden + cols, mask=col_mask, other=0.0)
                     for i in tl.static_range(N):
                         logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
@@ -252,8 +283,9 @@ def _kernels() -> dict[str, Any]:
                         dl = tl.where(row_mask, alpha * (ga - c), 0.0)
                         dlr = dl * r
                         coef = dl * logit * r * r * inv_h
-                        v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask,
-                                       batch_inner, ELT)
+                        v = _load_tile(
+                            table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT
+                        )
                         dv = alpha[:, None] * g + dlr[:, None] * u[None, :] - coef[:, None] * v
                         gbase = tl.load(gtable_ptr + i).to(tl.pointer_type(ELT))
                         tl.store(gbase + rows[:, None] * hidden + cols[None, :], dv.to(ELT), mask=mask2)
@@ -322,7 +354,9 @@ class FusedAttnResAggregate(torch.autograd.Function):
     """Triton-fused ``sum_i softmax_i(query . (gain * v_i / rms(v_i))) v_i``; see module docstring."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, *sources: Tensor) -> Tensor:
+    def forward(
+        ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, *sources: Tensor
+    ) -> Tensor:
         kernels = _kernels()
         dtype = sources[0].dtype
         if dtype == torch.float64:
@@ -345,9 +379,22 @@ class FusedAttnResAggregate(torch.autograd.Function):
         grid = (triton_cdiv(n_tokens, block_t),)
         if n_tokens > 0:
             kernels["forward"][grid](
-                table, stride_table, u, out, logits, rinv, lse,
-                n_tokens, hidden, inner, float(eps),
-                N=n, BLOCK_T=block_t, BLOCK_H=block_hh, SINGLE_TILE=single, num_warps=num_warps,
+                table,
+                stride_table,
+                u,
+                out,
+                logits,
+                rinv,
+                lse,
+                n_tokens,
+                hidden,
+                inner,
+                float(eps),
+                N=n,
+                BLOCK_T=block_t,
+                BLOCK_H=block_hh,
+                SINGLE_TILE=single,
+                num_warps=num_warps,
             )
         ctx.block_h = block_h
         ctx.save_for_backward(query, gain, logits, rinv, lse, *views)
@@ -377,9 +424,25 @@ class FusedAttnResAggregate(torch.autograd.Function):
         galpha = torch.empty(0 if single else n * n_tokens, dtype=torch.float32, device=device)
         if n_tokens > 0:
             kernels["backward"][(programs,)](
-                table, stride_table, gtable, u, grad, logits, rinv, lse, galpha, du_partial,
-                n_tokens, hidden, inner, blocks_per_program,
-                N=n, BLOCK_T=block_t, BLOCK_H=block_hh, SINGLE_TILE=single, num_warps=num_warps,
+                table,
+                stride_table,
+                gtable,
+                u,
+                grad,
+                logits,
+                rinv,
+                lse,
+                galpha,
+                du_partial,
+                n_tokens,
+                hidden,
+                inner,
+                blocks_per_program,
+                N=n,
+                BLOCK_T=block_t,
+                BLOCK_H=block_hh,
+                SINGLE_TILE=single,
+                num_warps=num_warps,
             )
         du = du_partial.sum(dim=0)  # fixed-order reduction: deterministic
         grad_query = (du * gain.float()).to(query.dtype)

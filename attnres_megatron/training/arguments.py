@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from typing import Optional
 
 from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
+from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
 from attnres_megatron.models.specs import (
     CONTEXT_PARALLEL_NEEDS_TE,
     TRANSFORMER_IMPLS,
     resolve_transformer_impl,
 )
+
+MODEL_CHOICES = ("gpt", *sorted(KIMI_PRESETS))
 
 
 def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,8 +23,9 @@ def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument(
         "--attention-residuals",
         choices=ATTN_RES_MODES,
-        default="none",
-        help="Depth mixing: none (standard residuals), block (Block AttnRes) or full.",
+        default=None,
+        help="Depth mixing: none (standard residuals), block (Block AttnRes) or full "
+        "(default: none for gpt, the preset's choice for Kimi Linear).",
     )
     size = group.add_mutually_exclusive_group()
     size.add_argument(
@@ -58,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        choices=MODEL_CHOICES,
+        default="gpt",
+        help="gpt (shape from the flags below) or a Kimi Linear preset (KDA + NoPE "
+        "MLA + MoE; the preset fixes the shape, Block AttnRes S=6 by default).",
+    )
     model.add_argument("--num-layers", type=int, default=4)
     model.add_argument("--hidden-size", type=int, default=128)
     model.add_argument(
@@ -268,22 +279,32 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
         )
     ep = args.expert_model_parallel_size
     etp = args.expert_tensor_parallel_size or tp
-    if args.num_experts is None:
+    preset = KIMI_PRESETS.get(args.model, {})
+    num_experts = preset.get("num_moe_experts", args.num_experts)
+    topk = preset.get("moe_router_topk", args.moe_router_topk)
+    num_layers = preset.get("num_layers", args.num_layers)
+    uneven = args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers
+    stages = pp * (args.num_virtual_stages_per_pipeline_rank or 1)
+    if pp > 1 and not uneven and not args.pipeline_model_parallel_layout and num_layers % stages:
+        _fail(f"{num_layers} layers do not split evenly into {stages} pipeline chunks; pass "
+              "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (e.g. from "
+              "tools/plan_pipeline_stages.py) or change the pipeline sizes.")
+    if num_experts is None:
         if ep > 1:
             _fail("--expert-model-parallel-size > 1 needs --num-experts.")
     else:
-        if args.num_experts < 1:
-            _fail(f"--num-experts must be >= 1; got {args.num_experts}.")
-        if args.num_experts % ep:
-            _fail(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}.")
-        if not 1 <= args.moe_router_topk <= args.num_experts:
-            _fail(f"--moe-router-topk must be in [1, --num-experts]; got {args.moe_router_topk}.")
+        if num_experts < 1:
+            _fail(f"--num-experts must be >= 1; got {num_experts}.")
+        if num_experts % ep:
+            _fail(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}.")
+        if not 1 <= topk <= num_experts:
+            _fail(f"--moe-router-topk must be in [1, --num-experts]; got {topk}.")
         if (world_size // pp) % (ep * etp):
             _fail(
                 f"--expert-model-parallel-size {ep} x expert tensor parallel {etp} does not divide "
                 f"the {world_size // pp} ranks of a pipeline stage."
             )
-        if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+        if not preset and args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
             _fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid.")
     vpp = args.num_virtual_stages_per_pipeline_rank
     if vpp is not None and (vpp < 1 or pp == 1):

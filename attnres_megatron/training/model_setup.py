@@ -33,8 +33,49 @@ MOE_FIELDS_FROM_ARGS = (
 )
 
 
+def attn_res_overrides(args: argparse.Namespace) -> dict:
+    """AttnRes fields given on the command line (a preset keeps its own otherwise)."""
+    fields = dict(attn_res_eps=args.attn_res_eps, attn_res_impl=args.attn_res_impl)
+    if args.attention_residuals is not None:
+        fields.update(
+            attention_residuals=args.attention_residuals,
+            attn_res_block_size=args.attn_res_block_size,
+            attn_res_layers_per_block=args.attn_res_layers_per_block,
+            attn_res_num_blocks=args.attn_res_num_blocks,
+        )
+    return fields
+
+
+def parallel_fields(args: argparse.Namespace, device: str) -> dict:
+    """Parallelism, precision and initialisation fields shared by every model."""
+    return dict(
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_cpu_initialization=device == "cpu",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(args),
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+    )
+
+
 def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransformerConfig:
     """The Megatron config for these arguments; ``ValueError`` names a bad option."""
+    if args.model != "gpt":
+        from attnres_megatron.models.kimi.presets import kimi_linear_config
+
+        return kimi_linear_config(args.model, **parallel_fields(args, device), **attn_res_overrides(args))
+    if args.attention_residuals is None:
+        args.attention_residuals = "none"
     moe = {}
     if args.num_experts is not None:
         moe = {name: getattr(args, name) for name in MOE_FIELDS_FROM_ARGS}
@@ -50,31 +91,11 @@ def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransforme
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
         normalization=args.normalization,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=F.silu,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_cpu_initialization=device == "cpu",
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_stages(args),
-        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
-        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        sequence_parallel=args.sequence_parallel,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        attention_residuals=args.attention_residuals,
-        attn_res_block_size=args.attn_res_block_size,
-        attn_res_layers_per_block=args.attn_res_layers_per_block,
-        attn_res_num_blocks=args.attn_res_num_blocks,
-        attn_res_eps=args.attn_res_eps,
-        attn_res_impl=args.attn_res_impl,
+        **parallel_fields(args, device),
+        **attn_res_overrides(args),
         **moe,
     )
 
@@ -112,16 +133,30 @@ def setup_training(
     ddp = []
     for vp_stage in range(virtual or 1):
         vp = vp_stage if virtual else None
-        model = build_gpt_model(
-            config,
-            vocab_size=vocab_size,
-            max_sequence_length=args.seq_length,
-            transformer_impl=args.transformer_impl,
-            position_embedding_type=args.position_embedding_type,
+        stage = dict(
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
-        ).to(device)
+        )
+        if args.model == "gpt":
+            model = build_gpt_model(
+                config,
+                vocab_size=vocab_size,
+                max_sequence_length=args.seq_length,
+                transformer_impl=args.transformer_impl,
+                position_embedding_type=args.position_embedding_type,
+                **stage,
+            )
+        else:
+            from attnres_megatron.models.kimi.presets import build_kimi_linear_model
+
+            transformer_impl = (
+                "local" if args.transformer_impl == "auto" and device == "cpu" else args.transformer_impl
+            )
+            model = build_kimi_linear_model(
+                config, max_sequence_length=args.seq_length, transformer_impl=transformer_impl, **stage
+            )
+        model = model.to(device)
         if args.bf16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(

@@ -104,7 +104,7 @@ def train(args: argparse.Namespace) -> dict:
 def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> str:
     config = setup.config
     params = sum(p.numel() for chunk in setup.unwrapped() for p in chunk.parameters())
-    attn_res = args.attention_residuals
+    attn_res = config.attention_residuals
     if config.attn_res_enabled:
         attn_res += (
             f" (S={config.attn_res_sublayers_per_block} sublayers per block, "
@@ -118,9 +118,12 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         f"DP {parallel_state.get_data_parallel_world_size()}"
     )
     moe = f", MoE {args.num_experts} experts top-{args.moe_router_topk}" if args.num_experts else ""
+    name = "AttnRes GPT" if args.model == "gpt" else args.model
+    if args.model != "gpt":
+        moe = f", MoE {config.num_moe_experts} experts top-{config.moe_router_topk}"
     return (
-        f"> AttnRes GPT: {params:,} parameters on this rank, {args.num_layers} layers, hidden "
-        f"{args.hidden_size}{moe}, attention residuals: {attn_res}, device {device}"
+        f"> {name}: {params:,} parameters on this rank, {config.num_layers} layers, hidden "
+        f"{config.hidden_size}{moe}, attention residuals: {attn_res}, device {device}"
         f"{', bf16' if args.bf16 else ''}\n> {parallel}"
     )
 
@@ -172,7 +175,8 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
     tokens = args.global_batch_size * args.seq_length * args.train_iters
     pipeline = pipeline_traffic(setup)
     summary = {
-        "attention_residuals": args.attention_residuals,
+        "model": args.model,
+        "attention_residuals": setup.config.attention_residuals,
         "sublayers_per_block": setup.config.attn_res_sublayers_per_block,
         "train_iters": args.train_iters,
         "initial_loss": losses[0],
@@ -188,7 +192,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
     log(
         f"> done: {args.train_iters} iterations in {elapsed:.1f} s | tokens/s: "
         f"{summary['tokens_per_second']:.0f} | loss {losses[0]:.4f} -> {losses[-1]:.4f} | "
-        f"attention residuals: {args.attention_residuals}"
+        f"attention residuals: {setup.config.attention_residuals}"
     )
     if args.summary_json and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.summary_json, "w") as handle:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 from megatron.core.models.common.embeddings import RotaryEmbedding
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer import multi_latent_attention
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
@@ -66,6 +67,37 @@ class MLASDPACoreAttention(SDPACoreAttention):
         self.k_channels, self.v_channels = k_channels, v_channels
 
 
+class DuplicatedLinear(torch.nn.Module):
+    """A bias-free linear replicated on every tensor-parallel rank (TE's 'duplicated' mode).
+
+    Megatron-Core's local MLA shards ``linear_kv_down_proj`` by output columns and gathers
+    the result with ``gather_from_tensor_model_parallel_region``, whose backward only
+    splits: the shared positional key slice is read by every rank's heads, so the other
+    ranks' gradient contributions to it are lost. Replicated, the projection's output is
+    already whole; under sequence parallelism Megatron then gathers the positional slice
+    along the sequence (a backward that sums over ranks) and, since each rank sees only
+    its tokens, the weight is tagged ``sequence_parallel`` so its gradient is all-reduced.
+    """
+
+    def __init__(self, input_size: int, output_size: int, config: TransformerConfig, tp_size: int):
+        super().__init__()
+        if tp_size > 1 and not config.sequence_parallel:
+            raise ValueError(
+                "Kimi Linear's MLA with the local spec and --tensor-model-parallel-size > 1 needs "
+                "--sequence-parallel (Megatron also requires it for MoE with tensor parallelism)."
+            )
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
+        )
+        if config.perform_initialization:
+            config.init_method(self.weight)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.nn.functional.linear(x, self.weight), None
+
+
 class NoPEMLASelfAttention(MLASelfAttention):
     """Megatron-Core ``MLASelfAttention`` whose positional q/k slice is never rotated (NoPE)."""
 
@@ -87,3 +119,10 @@ class NoPEMLASelfAttention(MLASelfAttention):
         fix_mla_without_transformer_engine()
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.rotary_pos_emb = NoRotaryEmbedding(cp_group=self.pg_collection.cp)
+        if isinstance(self.linear_kv_down_proj, ColumnParallelLinear):
+            self.linear_kv_down_proj = DuplicatedLinear(
+                config.hidden_size,
+                config.kv_lora_rank + config.qk_pos_emb_head_dim,
+                config,
+                tp_size=self.pg_collection.tp.size(),
+            )

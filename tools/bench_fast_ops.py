@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Benchmark the AttnRes aggregation implementations (forward + backward).
+
+Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
+
+* ``torch``: :func:`attnres_megatron.ops.aggregate` (memory-lean autograd Function);
+* ``reference``: :func:`attnres_megatron.ops.aggregate_reference` (plain autograd);
+* ``two_phase``: one block of ``S`` sublayers via :class:`TwoPhaseBlockAggregator` with
+  ``n - 1`` completed blocks plus a partial per sublayer (``n`` sources each), cost / ``S``;
+* ``fused``: :func:`attnres_megatron.ops.triton_aggregate.aggregate_fused`, CUDA only (the
+  Triton interpreter on CPU is a correctness path, not a performance one).
+
+It also reports a memory-traffic lower bound: forward moves ``n`` source reads + 1 output
+write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
+``(3 n + 2) * T * h * bytes``, divided by the copy bandwidth (``2 * bytes / time`` of a large
+``Tensor.copy_``) measured in the same run.
+
+Example::
+
+    python tools/bench_fast_ops.py --quick --output bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from attnres_megatron.ops import aggregate, aggregate_reference
+from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
+
+EPS = 1e-6
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Copy bandwidth in GB/s (read + write counted) of a ``nbytes`` tensor copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, repeats=max(3, repeats), warmup=1)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def make_inputs(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, n_sub: int
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], Tensor]:
+    """Sources, ``n_sub`` (query, gain) pairs, and a fixed upstream gradient."""
+    gen = torch.Generator(device="cpu").manual_seed(n)
+    hidden = shape[-1]
+
+    def leaf(*size: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    sources = [leaf(*shape, scale=0.5 + 0.1 * i) for i in range(n)]
+    queries = [(torch.randn(hidden, generator=gen) * 0.1).to(device).requires_grad_() for _ in range(n_sub)]
+    gains = [torch.ones(hidden, device=device, requires_grad=True) for _ in range(n_sub)]
+    grad = torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    return sources, queries, gains, [leaf(*shape) for _ in range(n_sub)], grad
+
+
+def single_call(fn: Callable[..., Tensor], sources: list[Tensor], query: Tensor, gain: Tensor, grad: Tensor):
+    """Closure timing one forward + backward of an aggregate-style ``fn``."""
+    leaves = [query, gain, *sources]
+
+    def run() -> None:
+        out = fn(sources, query, gain, EPS)
+        torch.autograd.grad(out, leaves, grad)
+
+    return run
+
+
+def two_phase_block(
+    sources: list[Tensor], queries: list[Tensor], gains: list[Tensor], partials: list[Tensor], grad: Tensor
+):
+    """Closure timing one block: phase 1 + ``S`` phase-2 mixes, forward + backward of all."""
+    blocks = sources[:-1]
+    leaves = [*blocks, *queries, *gains, *partials]
+
+    def run() -> None:
+        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+        outs = [agg.mix(j, partials[j]) for j in range(len(queries))]
+        torch.autograd.grad(outs, leaves, [grad] * len(outs))
+
+    return run
+
+
+def fused_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernel can be timed here, with the reason if not."""
+    if device.type != "cuda":
+        return False, "fused Triton kernel skipped: no CUDA device (the CPU interpreter is not a perf path)"
+    try:
+        from attnres_megatron.ops.triton_aggregate import require_triton
+
+        require_triton()
+    except ImportError as exc:
+        return False, f"fused Triton kernel skipped: {exc}"
+    return True, ""
+
+
+def fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown table of the results."""
+    lines = [
+        f"Forward+backward, median ms; shape {meta['shape']}, {meta['dtype']}, device {meta['device']}, "
+        f"S={meta['sublayers']}, copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s.",
+        "",
+        "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | fused Triton "
+        "| traffic bound | torch / bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["torch_ms"] / r["bound_ms"] if r["bound_ms"] else None
+        lines.append(
+            f"| {r['n']} | {fmt(r['torch_ms'])} | {fmt(r['reference_ms'])} | {fmt(r['two_phase_ms'])} "
+            f"| {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | {fmt(ratio)}x |"
+        )
+    for note in meta["notes"]:
+        lines.append(f"\nNote: {note}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=2304)
+    parser.add_argument("--sources", type=int, nargs="+", default=list(range(2, 11)), help="values of n")
+    parser.add_argument("--sublayers", type=int, default=6, help="S for the two-phase block")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="n in {2, 6, 10}, 2 repeats, S=3, no reference")
+    parser.add_argument("--output", help="write the results as JSON to this path")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.sources = [n for n in args.sources if n in (2, 6, 10)] or args.sources[:1]
+        args.repeats, args.sublayers = min(args.repeats, 2), min(args.sublayers, 3)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    shape = (args.seq, args.batch, args.hidden)
+    elt = torch.empty(0, dtype=dtype).element_size()
+    tokens_bytes = args.seq * args.batch * args.hidden * elt
+    bandwidth = copy_bandwidth(device, max(64 << 20, 4 * tokens_bytes), args.repeats)
+    use_fused, fused_note = fused_available(device)
+    notes = [fused_note] if fused_note else []
+    if args.quick:
+        notes.append("--quick: aggregate_reference skipped, S=3, 2 repeats")
+    if use_fused:
+        from attnres_megatron.ops.triton_aggregate import aggregate_fused
+
+    rows = []
+    for n in args.sources:
+        sources, queries, gains, partials, grad = make_inputs(n, shape, dtype, device, args.sublayers)
+        q, g = queries[0], gains[0]
+        timing = {"repeats": args.repeats, "warmup": args.warmup}
+        row: dict[str, Any] = {"n": n}
+        row["torch_ms"] = time_fn(single_call(aggregate, sources, q, g, grad), device, **timing)
+        row["reference_ms"] = None
+        if not args.quick:
+            row["reference_ms"] = time_fn(single_call(aggregate_reference, sources, q, g, grad), device, **timing)
+        block_ms = time_fn(two_phase_block(sources, queries, gains, partials, grad), device, **timing)
+        row["two_phase_block_ms"] = block_ms
+        row["two_phase_ms"] = block_ms / args.sublayers
+        row["fused_ms"] = None
+        if use_fused:
+            row["fused_ms"] = time_fn(single_call(aggregate_fused, sources, q, g, grad), device, **timing)
+        moved = (3 * n + 2) * tokens_bytes
+        row["bytes_moved"] = moved
+        row["bound_ms"] = moved / (bandwidth * 1e9) * 1e3
+        rows.append(row)
+        print(", ".join(f"{k}={fmt(v) if isinstance(v, float) else v}" for k, v in row.items()), flush=True)
+        del sources, queries, gains, partials, grad
+
+    meta = {
+        "shape": list(shape),
+        "dtype": args.dtype,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "sublayers": args.sublayers,
+        "repeats": args.repeats,
+        "copy_bandwidth_gbs": bandwidth,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "notes": notes,
+    }
+    result = {"meta": meta, "rows": rows}
+    print()
+    print(markdown(rows, meta))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
