@@ -20,14 +20,15 @@ setup(
         "torch>=2.6",
         "megatron-core==0.16.1",
         "numpy",
+        "psutil",  # Megatron-Core's distributed checkpointing
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py"],
-        "tensorboard": ["tensorboard"],
+        "tensorboard": ["tensorboard", "matplotlib"],
         "triton": ["triton"],
         "fla": ["flash-linear-attention"],
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton"],
     },
     entry_points={
         "console_scripts": [

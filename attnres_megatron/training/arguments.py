@@ -286,9 +286,11 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
     uneven = args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers
     stages = pp * (args.num_virtual_stages_per_pipeline_rank or 1)
     if pp > 1 and not uneven and not args.pipeline_model_parallel_layout and num_layers % stages:
-        _fail(f"{num_layers} layers do not split evenly into {stages} pipeline chunks; pass "
-              "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (e.g. from "
-              "tools/plan_pipeline_stages.py) or change the pipeline sizes.")
+        _fail(
+            f"{num_layers} layers do not split evenly into {stages} pipeline chunks; pass "
+            "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers (e.g. from "
+            "tools/plan_pipeline_stages.py) or change the pipeline sizes."
+        )
     if num_experts is None:
         if ep > 1:
             _fail("--expert-model-parallel-size > 1 needs --num-experts.")

@@ -1,0 +1,241 @@
+"""Turn text and JSONL files into a Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+
+Inputs (files or glob patterns, in the order given, each glob sorted):
+
+* ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line, the document text in
+  ``--json-key`` (default ``text``); blank lines are skipped, a malformed line is an error
+  that names the file and line.
+* anything else: UTF-8 text, one document per file, or one per non-empty line with
+  ``--split-lines``.
+
+Every document is tokenized (``--tokenizer byte`` or a local tokenizer file, see
+``attnres_megatron.training.tokenizers.load_tokenizer``), followed by the end-of-document id,
+and written with Megatron-Core's ``IndexedDatasetBuilder`` (token dtype uint8/uint16/int32
+from the vocabulary size). Empty documents are skipped. The output appears only when complete.
+
+Example::
+
+    python tools/preprocess_data.py --input 'corpus/*.txt' data.jsonl --output-prefix data/my \\
+        --tokenizer byte --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from attnres_megatron.training.data import DataError, IndexedDatasetStats, write_indexed_dataset  # noqa: E402
+from attnres_megatron.training.tokenizers import TokenizerLike, load_tokenizer  # noqa: E402
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+LOG_EVERY_SECONDS = 10.0
+
+logger = logging.getLogger("preprocess_data")
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files named by ``patterns`` (paths or globs), in order, without duplicates.
+
+    Raises :class:`DataError` naming every pattern that matches no file.
+    """
+    files: list[Path] = []
+    missing = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
+        else:
+            matches = [Path(expanded)] if os.path.isfile(expanded) else []
+        if not matches:
+            missing.append(pattern)
+        files.extend(path for path in matches if path not in files)
+    if missing:
+        raise DataError(f"Input not found (no such file, or the glob matches no file): {', '.join(missing)}")
+    return files
+
+
+def iter_documents(path: Path, json_key: str = "text", split_lines: bool = False) -> Iterator[str]:
+    """Document texts of one input file (see the module docstring for the formats)."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        with path.open("r", encoding="utf-8") as stream:
+            for number, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: malformed JSON line ({err.msg}).") from err
+                if not isinstance(record, dict) or json_key not in record:
+                    raise DataError(
+                        f"{path}:{number}: expected a JSON object with the key {json_key!r} "
+                        f"(set --json-key); got {type(record).__name__}"
+                        + (f" with keys {sorted(record)}" if isinstance(record, dict) else "")
+                        + "."
+                    )
+                text = record[json_key]
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{number}: {json_key!r} is {type(text).__name__}, not a string.")
+                yield text
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if split_lines:
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+    else:
+        yield text
+
+
+_WORKER_TOKENIZER: Optional[TokenizerLike] = None
+
+
+def _init_worker(spec: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def _tokenize_in_worker(text: str) -> list[int]:
+    assert _WORKER_TOKENIZER is not None
+    return _WORKER_TOKENIZER.tokenize(text)
+
+
+class Progress:
+    """tqdm when installed, else a log line every ``LOG_EVERY_SECONDS`` and at the end."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.start = self.last = time.monotonic()
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(unit=" docs", desc="preprocess", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+        self.documents = self.tokens = 0
+
+    def __call__(self, documents: int, tokens: int) -> None:
+        """Record the running totals."""
+        if self.bar is not None:
+            self.bar.update(documents - self.documents)
+        self.documents, self.tokens = documents, tokens
+        now = time.monotonic()
+        if self.enabled and self.bar is None and now - self.last >= LOG_EVERY_SECONDS:
+            self.last = now
+            logger.info(
+                "%d documents, %d tokens (%.0f tokens/s)", documents, tokens, tokens / (now - self.start)
+            )
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def preprocess(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer: str = "byte",
+    json_key: str = "text",
+    split_lines: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> IndexedDatasetStats:
+    """Tokenize ``inputs`` into ``output_prefix.bin``/``.idx``; returns what was written.
+
+    Raises :class:`DataError` for missing inputs, malformed JSONL lines and empty output
+    (then no output files are left behind).
+    """
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    texts = (text for path in files for text in iter_documents(path, json_key, split_lines) if text)
+    meter = Progress(progress)
+    try:
+        if workers > 1:
+            with multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(tokenizer,)
+            ) as pool:
+                documents = pool.imap(_tokenize_in_worker, texts, chunksize=64)
+                stats = write_indexed_dataset(documents, output_prefix, tok.vocab_size, tok.eod, meter)
+        else:
+            documents = (tok.tokenize(text) for text in texts)
+            stats = write_indexed_dataset(documents, output_prefix, tok.vocab_size, tok.eod, meter)
+    except DataError as err:
+        if str(err).startswith("No documents"):
+            raise DataError(
+                f"No documents in {', '.join(map(str, files))} (all empty); nothing written to "
+                f"{output_prefix}.bin/.idx."
+            ) from err
+        raise
+    finally:
+        meter.close()
+    logger.info(
+        "Wrote %s.bin/.idx: %d documents, %d tokens (%s) from %d files",
+        stats.prefix,
+        stats.documents,
+        stats.tokens,
+        stats.dtype,
+        len(files),
+    )
+    return stats
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="Input files or glob patterns.")
+    parser.add_argument("--output-prefix", required=True, help="Writes PREFIX.bin and PREFIX.idx.")
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte' (NUL ends documents, vocab 256), 'byte-eod256' (vocab 257), or a local "
+        "tokenizer.json / tiktoken BPE file.",
+    )
+    parser.add_argument("--json-key", default="text", help="JSONL field holding the text (default: text).")
+    parser.add_argument(
+        "--split-lines", action="store_true", help="Text files: one document per non-empty line."
+    )
+    parser.add_argument("--workers", type=int, default=1, help="Tokenizer processes (default 1).")
+    parser.add_argument("--quiet", action="store_true", help="No progress output.")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (2 on a data error, with the message on stderr)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        preprocess(
+            args.input,
+            args.output_prefix,
+            tokenizer=args.tokenizer,
+            json_key=args.json_key,
+            split_lines=args.split_lines,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except (DataError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
