@@ -38,7 +38,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from attnres_megatron.training.data import DataError, IndexedDatasetStats, write_indexed_dataset  # noqa: E402
-from attnres_megatron.training.tokenizers import TokenizerLike, load_tokenizer  # noqa: E402
+from attnres_megatron.training.tokenizers import (  # noqa: E402
+    init_worker_tokenizer,
+    load_tokenizer,
+    tokenize_in_worker,
+)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 LOG_EVERY_SECONDS = 10.0
@@ -99,19 +103,6 @@ def iter_documents(path: Path, json_key: str = "text", split_lines: bool = False
         yield text
 
 
-_WORKER_TOKENIZER: Optional[TokenizerLike] = None
-
-
-def _init_worker(spec: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = load_tokenizer(spec)
-
-
-def _tokenize_in_worker(text: str) -> list[int]:
-    assert _WORKER_TOKENIZER is not None
-    return _WORKER_TOKENIZER.tokenize(text)
-
-
 class Progress:
     """tqdm when installed, else a log line every ``LOG_EVERY_SECONDS`` and at the end."""
 
@@ -166,10 +157,11 @@ def preprocess(
     meter = Progress(progress)
     try:
         if workers > 1:
-            with multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(tokenizer,)
-            ) as pool:
-                documents = pool.imap(_tokenize_in_worker, texts, chunksize=64)
+            # fork starts workers without re-importing Megatron; spawn where fork is unavailable.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with context.Pool(workers, initializer=init_worker_tokenizer, initargs=(tokenizer,)) as pool:
+                documents = pool.imap(tokenize_in_worker, texts, chunksize=64)
                 stats = write_indexed_dataset(documents, output_prefix, tok.vocab_size, tok.eod, meter)
         else:
             documents = (tok.tokenize(text) for text in texts)

@@ -194,6 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="Grouped GEMM experts (GPU); CPU runs use sequential experts.",
     )
 
+    ckpt = parser.add_argument_group("checkpoints")
+    ckpt.add_argument("--save", default=None, help="Directory for distributed checkpoints.")
+    ckpt.add_argument("--save-interval", type=int, default=None, help="Iterations between saves.")
+    ckpt.add_argument(
+        "--load",
+        default=None,
+        help="Resume from the latest checkpoint here (a baseline checkpoint warm-starts an AttnRes model).",
+    )
+    ckpt.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="Stop (after saving, with --save) when the iteration is a multiple of this.",
+    )
+    ckpt.add_argument(
+        "--no-load-optim",
+        action="store_true",
+        help="Load model weights only (e.g. under another TP/PP layout).",
+    )
+    ckpt.add_argument(
+        "--skip-nonfinite-steps",
+        action="store_true",
+        help="Skip an iteration whose loss or gradients are NaN/Inf instead of stopping.",
+    )
+
     run = parser.add_argument_group("run")
     run.add_argument(
         "--device",
@@ -242,6 +267,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters {args.train_iters}).")
     if not 0 <= args.min_lr <= args.lr:
         _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        _fail("--save-interval needs --save and a value >= 1.")
+    if args.load:
+        from attnres_megatron.training.checkpointing import CheckpointError, latest_iteration
+
+        try:
+            latest_iteration(args.load)
+        except CheckpointError as error:
+            _fail(str(error))
     validate_parallel_args(args, world_size)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,12 @@ from megatron.core import parallel_state
 from attnres_megatron.pipeline.ledger import get_byte_ledger
 from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args, validate_args
+from attnres_megatron.training.checkpointing import (
+    CheckpointError,
+    describe_load,
+    load_checkpoint,
+    save_checkpoint,
+)
 from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE, TokenWindows, load_stdlib_corpus
 from attnres_megatron.training.distributed import (
     initialize_parallel,
@@ -128,16 +135,63 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
     )
 
 
+def grads_are_finite(setup: TrainingSetup) -> bool:
+    """Whether every gradient on every rank is finite (one all-reduce)."""
+    bad = torch.zeros(1)
+    for chunk in setup.chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                bad.fill_(1)
+                break
+    torch.distributed.all_reduce(
+        bad.to(next(setup.chunks[0].parameters()).device), op=torch.distributed.ReduceOp.MAX
+    )
+    return bad.item() == 0
+
+
+class TerminationRequest:
+    """Set by SIGTERM: the loop saves a checkpoint after the current iteration and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def everywhere(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> dict:
     log(_describe(args, setup, device, launcher))
     data = TokenWindows(load_stdlib_corpus(args.corpus_bytes), args.seq_length, args.seed)
+    start_iteration = 0
+    if args.load:
+        try:
+            loaded = load_checkpoint(setup, args.load, load_optimizer=not args.no_load_optim)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        log(describe_load(loaded, args.load))
+        start_iteration = loaded.iteration
+        if loaded.data_state is not None:
+            data.generator.set_state(loaded.data_state)
     forward_backward = get_forward_backward_func()
     losses: list[float] = []
+    skipped: list[int] = []
+    saved_at = None
+    termination = TerminationRequest()
     start = interval_start = time.perf_counter()
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     for chunk in setup.chunks:
         chunk.train()
-    for step in range(args.train_iters):
+    for step in range(start_iteration, args.train_iters):
         for chunk in setup.chunks:
             chunk.zero_grad_buffer()
         setup.optimizer.zero_grad()
@@ -151,13 +205,20 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             micro_batch_size=args.micro_batch_size,
             forward_only=False,
         )
+        loss = reduced_loss(outputs) if last_stage else 0.0
+        if not grads_are_finite(setup) or not torch.isfinite(torch.tensor(loss)):
+            if not args.skip_nonfinite_steps:
+                raise SystemExit(
+                    f"error: non-finite loss or gradients at iteration {step + 1} "
+                    "(--skip-nonfinite-steps skips such iterations instead)."
+                )
+            log(f" iteration {step + 1:8d}/{args.train_iters:8d} | skipped: non-finite loss or gradients |")
+            skipped.append(step + 1)
+            setup.scheduler.step(increment=1)
+            continue
         updated, grad_norm, _ = setup.optimizer.step()
-        loss = reduced_loss(outputs) if last_stage else float("nan")
-        finite = grad_norm is not None and (not last_stage or torch.isfinite(torch.tensor(loss)))
-        if not updated or not finite or not torch.isfinite(torch.tensor(grad_norm)):
-            raise SystemExit(
-                f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at iteration {step + 1}."
-            )
+        if not updated:
+            raise SystemExit(f"error: the optimizer rejected iteration {step + 1} (gradient overflow).")
         setup.scheduler.step(increment=1)
         losses.append(loss)
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
@@ -171,16 +232,32 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
                 f"{grad_norm:.3f} |"
             )
             interval_start = now
+        exiting = bool(args.exit_interval) and (step + 1) % args.exit_interval == 0
+        stop = termination.everywhere() or exiting
+        if args.save and ((args.save_interval and (step + 1) % args.save_interval == 0) or stop):
+            save_checkpoint(setup, step + 1, args.save, data.generator.get_state(), args)
+            saved_at = step + 1
+            log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
+        if stop:
+            reason = "--exit-interval reached" if exiting else "SIGTERM received"
+            log(f"> {reason}: stopped after iteration {step + 1}")
+            break
+    termination.restore()
+    if args.save and saved_at != step + 1:
+        save_checkpoint(setup, step + 1, args.save, data.generator.get_state(), args)
+        log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
     elapsed = time.perf_counter() - start
-    tokens = args.global_batch_size * args.seq_length * args.train_iters
+    tokens = args.global_batch_size * args.seq_length * max(1, len(losses))
     pipeline = pipeline_traffic(setup)
     summary = {
         "model": args.model,
         "attention_residuals": setup.config.attention_residuals,
         "sublayers_per_block": setup.config.attn_res_sublayers_per_block,
         "train_iters": args.train_iters,
-        "initial_loss": losses[0],
-        "final_loss": losses[-1],
+        "start_iteration": start_iteration,
+        "skipped_iterations": skipped,
+        "initial_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "tokens_per_second": tokens / elapsed,
         "elapsed_seconds": elapsed,
@@ -190,8 +267,8 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         "device": device,
     }
     log(
-        f"> done: {args.train_iters} iterations in {elapsed:.1f} s | tokens/s: "
-        f"{summary['tokens_per_second']:.0f} | loss {losses[0]:.4f} -> {losses[-1]:.4f} | "
+        f"> done: {len(losses)} iterations in {elapsed:.1f} s | tokens/s: "
+        f"{summary['tokens_per_second']:.0f} | loss {summary['initial_loss']} -> {summary['final_loss']} | "
         f"attention residuals: {setup.config.attention_residuals}"
     )
     if args.summary_json and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:

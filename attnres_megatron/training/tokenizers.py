@@ -272,3 +272,20 @@ def load_tokenizer(spec: str | TokenizerLike = "byte", eod_token: Optional[str] 
             f"tokenizer.json files are supported, not vocab.json/merges.txt pairs."
         )
     return TiktokenBPETokenizer(path, eod_token=eod_token)
+
+
+# Worker-process helpers for multiprocessing pools (importable, so any start method works).
+_WORKER_TOKENIZER: Optional[TokenizerLike] = None
+
+
+def init_worker_tokenizer(spec: str) -> None:
+    """Pool initializer: load the tokenizer ``spec`` once in this worker process."""
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = load_tokenizer(spec)
+
+
+def tokenize_in_worker(text: str) -> list[int]:
+    """Tokenize ``text`` with the tokenizer loaded by :func:`init_worker_tokenizer`."""
+    if _WORKER_TOKENIZER is None:
+        raise RuntimeError("init_worker_tokenizer() has not run in this process.")
+    return _WORKER_TOKENIZER.tokenize(text)

@@ -1,0 +1,160 @@
+"""Checkpoints and robustness of ``attnres-pretrain``: exact resume, cross-layout loads,
+warm starts from baseline checkpoints, clear errors, SIGTERM, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_distributed_cli import clean_env, pretrain, torchrun
+
+BASE = [
+    "--device",
+    "cpu",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--lr-warmup-iters",
+    "2",
+    "--log-interval",
+    "100",
+    "--corpus-bytes",
+    "300000",
+]
+BLOCK = ["--attention-residuals", "block", "--attn-res-block-size", "3"]
+SINGLE = [sys.executable]
+
+
+def run(launcher, tmp_path: Path, name: str, *args: str) -> dict:
+    summary = tmp_path / f"{name}.json"
+    result = pretrain(launcher, *BASE, *args, "--summary-json", str(summary))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(summary.read_text())
+    data["stdout"] = result.stdout
+    return data
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
+    full = run(SINGLE, tmp_path, "full", *BLOCK, "--train-iters", "10")
+    run(
+        SINGLE,
+        tmp_path,
+        "first",
+        *BLOCK,
+        "--train-iters",
+        "10",
+        "--exit-interval",
+        "6",
+        "--save",
+        str(tmp_path / "ck"),
+    )
+    resumed = run(SINGLE, tmp_path, "resumed", *BLOCK, "--train-iters", "10", "--load", str(tmp_path / "ck"))
+    assert resumed["start_iteration"] == 6
+    assert resumed["losses"] == full["losses"][6:]  # bitwise
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-model-parallel-size", "2", "--sequence-parallel"], ["--pipeline-model-parallel-size", "2"]],
+    ids=["tp2", "pp2"],
+)
+def test_checkpoint_from_another_layout_gives_the_same_loss(tmp_path, layout):
+    ck = str(tmp_path / "ck")
+    parallel = run(
+        torchrun(2),
+        tmp_path,
+        "parallel",
+        *BLOCK,
+        *layout,
+        "--train-iters",
+        "5",
+        "--save",
+        ck,
+        "--save-interval",
+        "4",
+    )
+    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("4")
+    single = run(SINGLE, tmp_path, "single", *BLOCK, "--train-iters", "5", "--load", ck, "--no-load-optim")
+    # Iteration 5's loss is computed before its update: same weights, same batch.
+    assert single["losses"] == pytest.approx(parallel["losses"][4:], rel=1e-5)
+
+
+def test_attn_res_warm_starts_from_a_baseline_checkpoint(tmp_path):
+    ck = str(tmp_path / "baseline")
+    run(SINGLE, tmp_path, "baseline", "--attention-residuals", "none", "--train-iters", "3", "--save", ck)
+    warm = run(SINGLE, tmp_path, "warm", *BLOCK, "--train-iters", "3", "--load", ck)
+    line = next(ln for ln in warm["stdout"].splitlines() if ln.startswith("> warm start"))
+    reported = set(line.split("initial values: ", 1)[1].split(", "))
+    expected = {
+        f"decoder.layers.{layer}.attn_res_{kind}.{param}"
+        for layer in range(2)
+        for kind in ("attention", "mlp")
+        for param in ("pseudo_query", "key_gain")
+    }
+    expected |= {"decoder.attn_res_final.pseudo_query", "decoder.attn_res_final.key_gain"}
+    assert reported == expected
+    assert warm["start_iteration"] == 0
+
+
+def test_bad_checkpoints_fail_before_training(tmp_path):
+    empty = pretrain(SINGLE, *BASE, *BLOCK, "--train-iters", "4", "--load", str(tmp_path))
+    assert empty.returncode != 0 and "latest_checkpointed_iteration.txt" in empty.stderr
+    ck = tmp_path / "ck"
+    run(SINGLE, tmp_path, "save", *BLOCK, "--train-iters", "3", "--save", str(ck))
+    wider = pretrain(SINGLE, *BASE, *BLOCK, "--hidden-size", "128", "--train-iters", "4", "--load", str(ck))
+    assert wider.returncode != 0 and "iteration " not in wider.stdout
+    for shard in (ck / "iter_0000003").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncate
+    broken = pretrain(SINGLE, *BASE, *BLOCK, "--train-iters", "4", "--load", str(ck))
+    assert broken.returncode != 0 and "incomplete or corrupted" in broken.stderr
+    assert " iteration " not in broken.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    ck = tmp_path / "ck"
+    command = [
+        sys.executable,
+        "-m",
+        "attnres_megatron.training.pretrain",
+        *BASE,
+        *BLOCK,
+        "--train-iters",
+        "100000",
+        "--log-interval",
+        "1",
+        "--save",
+        str(ck),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
+    )
+    for line in process.stdout:
+        if " iteration " in line:
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "SIGTERM received" in out
+    saved = int((ck / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 1 and (ck / f"iter_{saved:07d}" / "metadata.json").is_file()
+
+
+def test_non_finite_steps_stop_with_the_iteration_or_are_skipped(tmp_path):
+    explode = ["--lr", "1e30", "--min-lr", "0", "--clip-grad", "0", "--train-iters", "6"]
+    stopped = pretrain(SINGLE, *BASE, *BLOCK, *explode)
+    assert stopped.returncode != 0 and "non-finite loss or gradients at iteration" in stopped.stderr
+    skipping = run(SINGLE, tmp_path, "skip", *BLOCK, *explode, "--skip-nonfinite-steps")
+    assert skipping["skipped_iterations"]
