@@ -106,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus-bytes",
         type=int,
         default=8 << 20,
-        help="Bytes of the built-in corpus (Python standard library sources).",
+        help="Bytes of the built-in corpus (Python standard library sources), built once into an "
+        "indexed dataset in the cache ($ATTNRES_CACHE_DIR).",
+    )
+    train.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="Megatron indexed dataset prefix(es), optionally weighted: '0.3 PREFIX_A 0.7 PREFIX_B' "
+        "(see tools/preprocess_data.py).",
+    )
+    train.add_argument("--split", default="969,30,1", help="Train,valid,test split weights.")
+    train.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte, or a local tokenizers JSON / tiktoken file (must match the data).",
     )
 
     train.add_argument(

@@ -23,7 +23,13 @@ from attnres_megatron.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE, TokenWindows, load_stdlib_corpus
+from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
+from attnres_megatron.training.data import (
+    DataError,
+    DataParallelBatches,
+    build_datasets,
+    default_corpus_prefix,
+)
 from attnres_megatron.training.distributed import (
     initialize_parallel,
     resolve_device,
@@ -44,19 +50,25 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def micro_batches(
-    data: TokenWindows, args: argparse.Namespace, device: str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This data-parallel rank's micro-batches of one global batch."""
-    dp_size = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    inputs, labels = data.batch(args.global_batch_size)
-    count = args.global_batch_size // (args.micro_batch_size * dp_size)
-    shape = (count, dp_size, args.micro_batch_size, args.seq_length)
-    return [
-        (x.to(device), y.to(device))
-        for x, y in zip(inputs.view(shape)[:, dp_rank], labels.view(shape)[:, dp_rank])
-    ]
+def training_batches(args: argparse.Namespace, device: str) -> DataParallelBatches:
+    """Megatron GPT datasets over ``--data-path`` (or the built-in corpus, cached), read in
+    Megatron's sample order: step ``s`` always gets the same samples, so resuming is exact."""
+    try:
+        prefixes = args.data_path or [default_corpus_prefix(max_bytes=args.corpus_bytes)]
+        train, _ = build_datasets(
+            prefixes,
+            args.split,
+            args.seq_length,
+            args.seed,
+            train_samples=args.train_iters * args.global_batch_size,
+            valid_samples=0,
+            tokenizer=args.tokenizer,
+        )
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+    return DataParallelBatches.from_parallel_state(
+        train, args.global_batch_size, args.micro_batch_size, device=device
+    )
 
 
 def loss_func(per_token_loss: torch.Tensor):
@@ -171,7 +183,7 @@ class TerminationRequest:
 
 def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> dict:
     log(_describe(args, setup, device, launcher))
-    data = TokenWindows(load_stdlib_corpus(args.corpus_bytes), args.seq_length, args.seed)
+    data = training_batches(args, device)
     start_iteration = 0
     if args.load:
         try:
@@ -180,8 +192,6 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             raise SystemExit(f"error: {error}") from None
         log(describe_load(loaded, args.load))
         start_iteration = loaded.iteration
-        if loaded.data_state is not None:
-            data.generator.set_state(loaded.data_state)
     forward_backward = get_forward_backward_func()
     losses: list[float] = []
     skipped: list[int] = []
@@ -195,7 +205,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         for chunk in setup.chunks:
             chunk.zero_grad_buffer()
         setup.optimizer.zero_grad()
-        batches = micro_batches(data, args, device)
+        batches = data.batches(step)
         outputs = forward_backward(
             forward_step_func=forward_step,
             data_iterator=[iter(batches) for _ in setup.chunks],
@@ -235,7 +245,9 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         exiting = bool(args.exit_interval) and (step + 1) % args.exit_interval == 0
         stop = termination.everywhere() or exiting
         if args.save and ((args.save_interval and (step + 1) % args.save_interval == 0) or stop):
-            save_checkpoint(setup, step + 1, args.save, data.generator.get_state(), args)
+            save_checkpoint(
+                setup, step + 1, args.save, {"consumed_samples": (step + 1) * args.global_batch_size}, args
+            )
             saved_at = step + 1
             log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
         if stop:
@@ -244,7 +256,9 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             break
     termination.restore()
     if args.save and saved_at != step + 1:
-        save_checkpoint(setup, step + 1, args.save, data.generator.get_state(), args)
+        save_checkpoint(
+            setup, step + 1, args.save, {"consumed_samples": (step + 1) * args.global_batch_size}, args
+        )
         log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
     elapsed = time.perf_counter() - start
     tokens = args.global_batch_size * args.seq_length * max(1, len(losses))
