@@ -80,3 +80,35 @@ def test_bad_flags_fail_before_training(args, message):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "iteration" not in result.stdout
+
+
+def test_tensorboard_diagnostics_and_wsd_schedule(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    run_cli(
+        *TINY,
+        "--train-iters",
+        "10",
+        "--log-interval",
+        "1",
+        "--attention-residuals",
+        "block",
+        "--attn-res-block-size",
+        "2",
+        "--lr-decay-style",
+        "WSD",
+        "--lr-wsd-decay-iters",
+        "3",
+        "--tensorboard-dir",
+        str(board),
+    )
+    events = EventAccumulator(str(board))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= scalars
+    assert {"depth/output_rms/L1.attn", "depth/output_rms/final", "depth/grad_norm/L1"} <= scalars
+    assert "depth/attention_weights" in events.Tags()["images"]
+    lrs = [event.value for event in events.Scalars("train/lr")]
+    assert lrs[3:7] == pytest.approx([3e-3] * 4)  # stable phase at the peak
+    assert lrs[-1] < lrs[6]  # final decay

@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Samples per iteration over all data-parallel ranks "
         "(default: micro batch x data-parallel size); larger values accumulate.",
     )
+    train.add_argument(
+        "--lr-decay-style",
+        choices=("cosine", "linear", "constant", "WSD"),
+        default="cosine",
+        help="Learning-rate decay after warmup (WSD: warmup-stable-decay).",
+    )
+    train.add_argument(
+        "--lr-wsd-decay-iters",
+        type=int,
+        default=None,
+        help="WSD: iterations of the final decay phase (default: 10%% of --train-iters).",
+    )
+    train.add_argument(
+        "--lr-wsd-decay-style",
+        choices=("exponential", "linear", "cosine", "minus_sqrt"),
+        default="linear",
+        help="WSD: shape of the final decay.",
+    )
     train.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
     train.add_argument(
         "--use-distributed-optimizer",
@@ -206,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-grouped-gemm",
         action="store_true",
         help="Grouped GEMM experts (GPU); CPU runs use sequential experts.",
+    )
+
+    run_logging = parser.add_argument_group("logging")
+    run_logging.add_argument(
+        "--tensorboard-dir",
+        default=None,
+        help="TensorBoard logs: loss, lr, grad norm, tokens/s, per-layer output RMS "
+        "and gradient norms, depth-attention heatmaps (needs the tensorboard extra).",
     )
 
     ckpt = parser.add_argument_group("checkpoints")

@@ -185,11 +185,15 @@ def setup_training(
         min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters,
         lr_decay_steps=args.train_iters,
-        lr_decay_style="cosine",
+        lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+        wsd_decay_steps=(args.lr_wsd_decay_iters or max(1, args.train_iters // 10))
+        if args.lr_decay_style == "WSD"
+        else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
     )
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [chunk.no_sync for chunk in ddp]

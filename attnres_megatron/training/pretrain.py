@@ -193,6 +193,13 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         log(describe_load(loaded, args.load))
         start_iteration = loaded.iteration
     forward_backward = get_forward_backward_func()
+    logs_here = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    board, recorder = None, None
+    if args.tensorboard_dir:
+        from attnres_megatron.diagnostics import DepthAttentionRecorder, TrainingLogger
+
+        board = TrainingLogger(args.tensorboard_dir, enabled=logs_here)
+        recorder = DepthAttentionRecorder(setup.unwrapped(), enabled=setup.config.attn_res_enabled)
     losses: list[float] = []
     skipped: list[int] = []
     saved_at = None
@@ -206,6 +213,10 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             chunk.zero_grad_buffer()
         setup.optimizer.zero_grad()
         batches = data.batches(step)
+        logging_step = (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters
+        if recorder is not None and logging_step:
+            recorder.reset()
+            recorder.attach()
         outputs = forward_backward(
             forward_step_func=forward_step,
             data_iterator=[iter(batches) for _ in setup.chunks],
@@ -216,6 +227,8 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             forward_only=False,
         )
         loss = reduced_loss(outputs) if last_stage else 0.0
+        if recorder is not None and recorder.attached:
+            recorder.detach()
         if not grads_are_finite(setup) or not torch.isfinite(torch.tensor(loss)):
             if not args.skip_nonfinite_steps:
                 raise SystemExit(
@@ -226,6 +239,13 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             skipped.append(step + 1)
             setup.scheduler.step(increment=1)
             continue
+        if board is not None and logging_step:
+            from attnres_megatron.diagnostics import layer_gradient_norms, output_rms
+
+            snapshot = recorder.snapshot()
+            board.log_layer_stats(step + 1, output_rms(snapshot), layer_gradient_norms(setup.chunks))
+            if snapshot:
+                board.log_depth_heatmap(step + 1, snapshot)
         updated, grad_norm, _ = setup.optimizer.step()
         if not updated:
             raise SystemExit(f"error: the optimizer rejected iteration {step + 1} (gradient overflow).")
@@ -241,6 +261,17 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
                 f"{setup.optimizer.param_groups[0]['lr']:.3E} | lm loss: {loss:.6E} | grad norm: "
                 f"{grad_norm:.3f} |"
             )
+            if board is not None:
+                board.log_scalars(
+                    step + 1,
+                    loss=loss,
+                    lr=setup.optimizer.param_groups[0]["lr"],
+                    grad_norm=grad_norm,
+                    tokens_per_second=args.global_batch_size
+                    * args.seq_length
+                    * steps
+                    / (now - interval_start),
+                )
             interval_start = now
         exiting = bool(args.exit_interval) and (step + 1) % args.exit_interval == 0
         stop = termination.everywhere() or exiting
@@ -255,6 +286,8 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             log(f"> {reason}: stopped after iteration {step + 1}")
             break
     termination.restore()
+    if board is not None:
+        board.close()
     if args.save and saved_at != step + 1:
         save_checkpoint(
             setup, step + 1, args.save, {"consumed_samples": (step + 1) * args.global_batch_size}, args
