@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import socket
+import os
+
+# Triton kernels run in its interpreter on CPU; this must be set before anything (Megatron
+# included) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import socket  # noqa: E402
 import warnings
 
 import pytest
