@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from worker_models import build_local, fp64_next_token_loss, kimi_tiny_config, small_gpt_config
 
 warnings.filterwarnings("ignore")
 
@@ -36,21 +37,13 @@ TOLERANCE = dict(rtol=1e-9, atol=1e-11)  # fp64 throughout
 
 
 def make_config(spec: dict, tp: int = 1, ep: int = 1):
-    from attnres_megatron import AttnResTransformerConfig
-
+    parallel = dict(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=spec.get("sp", False) and tp > 1,
+        expert_model_parallel_size=ep,
+    )
     if spec.get("kimi"):
-        from attnres_megatron.models.kimi.presets import kimi_linear_config
-
-        return kimi_linear_config(
-            "kimi-linear-tiny",
-            use_cpu_initialization=True,
-            params_dtype=torch.float64,
-            tensor_model_parallel_size=tp,
-            sequence_parallel=spec.get("sp", False) and tp > 1,
-            expert_model_parallel_size=ep,
-            moe_router_dtype="fp64",
-        )
-
+        return kimi_tiny_config(**parallel)
     mode = spec.get("mode", "block")
     moe = {}
     if spec.get("moe"):
@@ -65,35 +58,17 @@ def make_config(spec: dict, tp: int = 1, ep: int = 1):
             moe_token_dispatcher_type=spec["moe"],
             moe_router_dtype="fp64",
         )
-    return AttnResTransformerConfig(
+    return small_gpt_config(
         num_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=48,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float64,
-        tensor_model_parallel_size=tp,
-        sequence_parallel=spec.get("sp", False) and tp > 1,
-        expert_model_parallel_size=ep,
         attention_residuals=mode,
         **({"attn_res_block_size": 3} if mode == "block" else {}),
+        **parallel,
         **moe,
     )
 
 
 def build(config):
-    from attnres_megatron.models.builder import build_gpt_model
-    from attnres_megatron.models.kimi.presets import KimiLinearConfig, build_kimi_linear_model
-
-    if isinstance(config, KimiLinearConfig):
-        return build_kimi_linear_model(config, max_sequence_length=SEQ, transformer_impl="local").double()
-    return build_gpt_model(config, VOCAB, SEQ, transformer_impl="local").double()
+    return build_local(config, VOCAB, SEQ).double()
 
 
 def global_batch() -> torch.Tensor:
@@ -106,9 +81,9 @@ def forward_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     positions = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
-    logits = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
-    vocab = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    return fp64_next_token_loss(
+        gather_from_tensor_model_parallel_region(model(tokens, positions, None)), tokens
+    )
 
 
 def reference_name(name: str, config) -> str:

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from worker_models import build_local, fp64_next_token_loss, kimi_tiny_config, small_gpt_config
 
 warnings.filterwarnings("ignore")
 
@@ -44,9 +45,6 @@ SCENARIOS = {
 
 
 def make_config(spec: dict, parallel: bool):
-    from attnres_megatron import AttnResTransformerConfig
-
-    mode = spec.get("mode", "block")
     pipeline = {}
     if parallel:
         pipeline = dict(
@@ -57,19 +55,12 @@ def make_config(spec: dict, parallel: bool):
             pipeline_model_parallel_layout=spec.get("layout"),
             pipeline_dtype=torch.float64,
         )
-    return AttnResTransformerConfig(
+    if spec.get("kimi"):
+        return kimi_tiny_config(**pipeline)
+    mode = spec.get("mode", "block")
+    return small_gpt_config(
         num_layers=spec["layers"],
         hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_hidden_size=48,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float64,
         attention_residuals=mode,
         **({"attn_res_block_size": spec["block"]} if mode == "block" else {}),
         **pipeline,
@@ -83,18 +74,11 @@ def batches(spec: dict) -> list[torch.Tensor]:
     ]
 
 
-def fp64_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+fp64_loss = fp64_next_token_loss
 
 
 def build(config, **stage):
-    from attnres_megatron.models.builder import build_gpt_model
-    from attnres_megatron.models.kimi.presets import KimiLinearConfig, build_kimi_linear_model
-
-    if isinstance(config, KimiLinearConfig):
-        return build_kimi_linear_model(config, max_sequence_length=SEQ, transformer_impl="local", **stage)
-    return build_gpt_model(config, VOCAB, SEQ, transformer_impl="local", **stage)
+    return build_local(config, VOCAB, SEQ, **stage)
 
 
 def positions_like(tokens: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@
 * ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports, yet the
   router GEMM tests it with ``is not None``; without TE that raises ``NameError``. We
   define it as ``None`` so Megatron's own plain-PyTorch branch runs.
+* Without TE, ``multi_latent_attention.TELinear`` is a placeholder (not a class) while that
+  module's ``HAVE_TE`` stays true, so MLA's ``isinstance(linear_proj, TELinear)`` raises
+  ``TypeError``. We mark TE as absent there.
 """
 
 from __future__ import annotations
@@ -35,4 +38,8 @@ def apply_megatron_fixes() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    from megatron.core.transformer import multi_latent_attention
+
+    if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
     _APPLIED = True

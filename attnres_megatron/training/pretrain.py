@@ -136,10 +136,12 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         f"CP {args.context_parallel_size}, EP {args.expert_model_parallel_size}, "
         f"DP {parallel_state.get_data_parallel_world_size()}"
     )
-    moe = f", MoE {args.num_experts} experts top-{args.moe_router_topk}" if args.num_experts else ""
+    moe = (
+        f", MoE {config.num_moe_experts} experts top-{config.moe_router_topk}"
+        if config.num_moe_experts
+        else ""
+    )
     name = "AttnRes GPT" if args.model == "gpt" else args.model
-    if args.model != "gpt":
-        moe = f", MoE {config.num_moe_experts} experts top-{config.moe_router_topk}"
     return (
         f"> {name}: {params:,} parameters on this rank, {config.num_layers} layers, hidden "
         f"{config.hidden_size}{moe}, attention residuals: {attn_res}, device {device}"

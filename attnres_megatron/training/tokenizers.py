@@ -125,7 +125,31 @@ def _find_eod(lookup: Any, candidates: Sequence[str], explicit: Optional[str], w
     )
 
 
-class HuggingFaceJSONTokenizer:
+class _FileTokenizer:
+    """What the file-backed tokenizers share: path, vocabulary size, EOD id, identifiers."""
+
+    def _describe(self, path: str | os.PathLike, vocab_size: int, eod: int) -> None:
+        self.path = str(path)
+        self._vocab_size = vocab_size
+        self._eod = eod
+        self.unique_identifiers: dict[str, Any] = {
+            "class": type(self).__name__,
+            "path": os.path.abspath(self.path),
+            "eod": self._eod,
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size, special tokens included."""
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        """The end-of-document id."""
+        return self._eod
+
+
+class HuggingFaceJSONTokenizer(_FileTokenizer):
     """A local Hugging Face ``tokenizers`` JSON file (``tokenizer.json``); needs ``tokenizers``."""
 
     def __init__(self, path: str | os.PathLike, eod_token: Optional[str] = None) -> None:
@@ -136,25 +160,12 @@ class HuggingFaceJSONTokenizer:
                 f"Reading the Hugging Face tokenizer file {path} needs the 'tokenizers' package: "
                 f"pip install tokenizers (or use --tokenizer byte)."
             ) from err
-        self.path = str(path)
-        self._tokenizer = Tokenizer.from_file(self.path)
-        self._vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
-        self._eod = _find_eod(self._tokenizer.token_to_id, EOD_TOKEN_CANDIDATES, eod_token, self.path)
-        self.unique_identifiers: dict[str, Any] = {
-            "class": type(self).__name__,
-            "path": os.path.abspath(self.path),
-            "eod": self._eod,
-        }
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size including added tokens."""
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        """The end-of-document id."""
-        return self._eod
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._describe(
+            path,
+            int(self._tokenizer.get_vocab_size(with_added_tokens=True)),
+            _find_eod(self._tokenizer.token_to_id, EOD_TOKEN_CANDIDATES, eod_token, str(path)),
+        )
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens added by a post-processor."""
@@ -165,7 +176,7 @@ class HuggingFaceJSONTokenizer:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-class TiktokenBPETokenizer:
+class TiktokenBPETokenizer(_FileTokenizer):
     """A local tiktoken BPE ranks file (base64 token and rank per line); needs ``tiktoken``.
 
     The GPT-4 (``cl100k_base``) split pattern is used unless ``pattern`` is given. The
@@ -191,32 +202,15 @@ class TiktokenBPETokenizer:
                 f"Reading the tiktoken BPE file {path} needs the 'tiktoken' package: pip install "
                 f"tiktoken (or use --tokenizer byte)."
             ) from err
-        self.path = str(path)
-        ranks = load_tiktoken_bpe(self.path)
-        eod_name = eod_token or "<|endoftext|>"
-        self._eod = len(ranks)
+        ranks = load_tiktoken_bpe(str(path))
+        eod = len(ranks)
         self._encoding = tiktoken.Encoding(
-            name=Path(self.path).stem,
+            name=Path(path).stem,
             pat_str=pattern or self.CL100K_PATTERN,
             mergeable_ranks=ranks,
-            special_tokens={eod_name: self._eod},
+            special_tokens={eod_token or "<|endoftext|>": eod},
         )
-        self._vocab_size = int(self._encoding.n_vocab)
-        self.unique_identifiers: dict[str, Any] = {
-            "class": type(self).__name__,
-            "path": os.path.abspath(self.path),
-            "eod": self._eod,
-        }
-
-    @property
-    def vocab_size(self) -> int:
-        """Ranks plus the end-of-document token."""
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        """The end-of-document id."""
-        return self._eod
+        self._describe(path, int(self._encoding.n_vocab), eod)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token text in documents is encoded as ordinary text."""

@@ -23,27 +23,14 @@ from typing import Any, Optional
 import torch
 from megatron.core.models.common.embeddings import RotaryEmbedding
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
-from megatron.core.transformer import multi_latent_attention
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
     MLASelfAttentionSubmodules,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from attnres_megatron.compat.megatron_fixes import check_megatron_core_version
+from attnres_megatron.compat.megatron_fixes import apply_megatron_fixes
 from attnres_megatron.layers.sdpa_attention import SDPACoreAttention
-
-
-def fix_mla_without_transformer_engine() -> None:
-    """Let Megatron-Core 0.16's MLA build without Transformer Engine.
-
-    Without TE, ``multi_latent_attention.TELinear`` is a placeholder (not a class) while
-    ``HAVE_TE`` stays true, so ``MultiLatentAttention.__init__``'s ``isinstance(linear_proj,
-    TELinear)`` (its only use of ``HAVE_TE``) raises ``TypeError``. Mark TE as absent there.
-    """
-    check_megatron_core_version()
-    if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
-        multi_latent_attention.HAVE_TE = False
 
 
 class NoRotaryEmbedding(RotaryEmbedding):
@@ -116,7 +103,7 @@ class NoPEMLASelfAttention(MLASelfAttention):
             )
         if config.apply_rope_fusion:
             raise ValueError("NoPE MLA needs apply_rope_fusion=False (there is nothing to rotate).")
-        fix_mla_without_transformer_engine()
+        apply_megatron_fixes()
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.rotary_pos_emb = NoRotaryEmbedding(cp_group=self.pg_collection.cp)
         if isinstance(self.linear_kv_down_proj, ColumnParallelLinear):
