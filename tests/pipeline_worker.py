@@ -142,7 +142,6 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from attnres_megatron.models.builder import build_gpt_model
     from attnres_megatron.pipeline.cache import SourceCache, get_source_cache
     from attnres_megatron.pipeline.schedule import get_forward_backward_func
 
@@ -159,11 +158,8 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     chunks = []
     for vp_stage in range(virtual or 1):
         vp = vp_stage if virtual else None
-        chunk = build_gpt_model(
+        chunk = build(
             config,
-            VOCAB,
-            SEQ,
-            transformer_impl="local",
             vp_stage=vp,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
