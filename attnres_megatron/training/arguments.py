@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
 from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
@@ -15,6 +16,20 @@ from attnres_megatron.models.specs import (
 )
 
 MODEL_CHOICES = ("gpt", *sorted(KIMI_PRESETS))
+ATTN_RES_WEIGHT_DECAY_WORDS = ("none", "default")
+
+
+def attn_res_weight_decay(text: str) -> Union[str, float]:
+    """``--attn-res-weight-decay``: ``none``, ``default`` or a finite coefficient >= 0."""
+    if text in ATTN_RES_WEIGHT_DECAY_WORDS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected none, default or a weight decay >= 0; got {text!r}.")
+    return value
 
 
 def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-lr", type=float, default=3e-4)
     train.add_argument("--lr-warmup-iters", type=int, default=10)
     train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument(
+        "--attn-res-weight-decay",
+        type=attn_res_weight_decay,
+        default="none",
+        metavar="{none,default,FLOAT}",
+        help="Weight decay of the AttnRes vectors (pseudo-queries, key gains): none, default "
+        "(--weight-decay, like the weight matrices) or this coefficient (a multiple of "
+        "--weight-decay, which must then be > 0).",
+    )
     train.add_argument("--clip-grad", type=float, default=1.0)
     train.add_argument("--adam-beta1", type=float, default=0.9)
     train.add_argument("--adam-beta2", type=float, default=0.95)
@@ -307,6 +331,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters {args.train_iters}).")
     if not 0 <= args.min_lr <= args.lr:
         _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
+    validate_weight_decay(args)
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         _fail("--save-interval needs --save and a value >= 1.")
     if args.load:
@@ -317,6 +342,18 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except CheckpointError as error:
             _fail(str(error))
     validate_parallel_args(args, world_size)
+
+
+def validate_weight_decay(args: argparse.Namespace) -> None:
+    """``--weight-decay`` and ``--attn-res-weight-decay`` fit together."""
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        _fail(f"--weight-decay must be >= 0; got {args.weight_decay}.")
+    setting = args.attn_res_weight_decay
+    if isinstance(setting, float) and setting not in (0.0, args.weight_decay) and args.weight_decay == 0:
+        _fail(
+            f"--attn-res-weight-decay {setting} needs --weight-decay > 0 (it is applied as a "
+            "multiple of it); use a positive --weight-decay or --attn-res-weight-decay none."
+        )
 
 
 def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:

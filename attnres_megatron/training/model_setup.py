@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +14,19 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    ParamPredicate,
+    ParamWithNamePredicate,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.transformer.module import Float16Module
 
 from attnres_megatron.config import AttnResTransformerConfig
+from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
 
 MOE_FIELDS_FROM_ARGS = (
@@ -106,6 +116,57 @@ def virtual_stages(args: argparse.Namespace):
     return vpp if vpp and vpp > 1 else None
 
 
+WeightDecaySetting = Union[str, float]
+
+
+def attn_res_parameter_ids(chunks: Iterable[torch.nn.Module]) -> frozenset[int]:
+    """Ids of the AttnRes vectors (``pseudo_query``, ``key_gain`` of every ``DepthAttention``)."""
+    return frozenset(
+        id(param)
+        for chunk in chunks
+        for module in chunk.modules()
+        if isinstance(module, DepthAttention)
+        for param in module.parameters()
+    )
+
+
+def _outside(key: ParamKey, excluded: frozenset[int], param: torch.nn.Parameter, name: str) -> bool:
+    """``key`` matches ``param`` and ``param`` is not one of ``excluded``."""
+    return id(param) not in excluded and key.matches(param, name)
+
+
+def attn_res_weight_decay_overrides(
+    config: OptimizerConfig, chunks: Iterable[torch.nn.Module], setting: WeightDecaySetting
+) -> dict[ParamKey, ParamGroupOverride]:
+    """Megatron's standard param-group overrides (no decay for biases and 1-D params) with the
+    AttnRes vectors decayed as ``setting`` asks: ``"none"`` (no decay), ``"default"`` (the
+    global weight decay) or a coefficient, expressed as a ``wd_mult`` of the global one.
+
+    Each choice gives the AttnRes vectors a ``wd_mult`` no other group has (or none of their
+    own), because Megatron matches checkpointed param groups by ``wd_mult``."""
+    attn_res = attn_res_parameter_ids(chunks)
+    standard = get_standard_config_overrides(config)
+    key = ParamKey(predicate=ParamPredicate(name="attn_res_vectors", fn=lambda param: id(param) in attn_res))
+    if setting == "none" or setting == 0.0:
+        return {**standard, key: ParamGroupOverride(wd_mult=0.0)}
+    overrides = {}
+    for index, (standard_key, override) in enumerate(standard.items()):
+        if "wd_mult" in override:  # leave the AttnRes vectors out of Megatron's no-decay rule
+            predicate = ParamWithNamePredicate(
+                name=f"{index}_not_attn_res", fn=lambda p, n, k=standard_key: _outside(k, attn_res, p, n)
+            )
+            standard_key = ParamKey(with_name_predicate=predicate)
+        overrides[standard_key] = override
+    if setting != "default" and setting != config.weight_decay:
+        if not config.weight_decay > 0:
+            raise ValueError(
+                f"--attn-res-weight-decay {setting} needs --weight-decay > 0 (it is applied as a "
+                f"multiple of it); got --weight-decay {config.weight_decay}."
+            )
+        overrides[key] = ParamGroupOverride(wd_mult=setting / config.weight_decay)
+    return overrides
+
+
 @dataclass
 class TrainingSetup:
     """Everything the loop needs: the DDP-wrapped model chunks, optimizer and scheduler."""
@@ -125,8 +186,8 @@ def setup_training(
     args: argparse.Namespace, config: AttnResTransformerConfig, vocab_size: int, device: str
 ) -> TrainingSetup:
     """Build this rank's model chunks on ``device`` (one per virtual pipeline stage), wrap
-    them for bf16 and data parallelism, and create Megatron's optimizer (AttnRes vectors and
-    norms are not weight-decayed) and scheduler."""
+    them for bf16 and data parallelism, and create Megatron's optimizer (norms and biases are
+    not weight-decayed; AttnRes vectors as ``--attn-res-weight-decay`` says) and scheduler."""
     from megatron.core import parallel_state
 
     virtual = virtual_stages(args)
@@ -163,21 +224,22 @@ def setup_training(
             grad_reduce_in_fp32=args.bf16, use_distributed_optimizer=args.use_distributed_optimizer
         )
         ddp.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0))
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-        ),
-        ddp,
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
     )
+    overrides = attn_res_weight_decay_overrides(
+        optimizer_config, ddp, getattr(args, "attn_res_weight_decay", "none")
+    )
+    optimizer = get_megatron_optimizer(optimizer_config, ddp, config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
