@@ -9,7 +9,9 @@ from typing import Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 ATTN_RES_MODES = ("none", "block", "full")
-ATTN_RES_IMPLS = ("torch", "reference")
+ATTN_RES_IMPLS = ("torch", "fused", "two-phase", "reference")
+ATTN_RES_RECOMPUTE_MODULE = "attn_res"
+"""Name of the AttnRes entry in ``recompute_modules`` (selective recompute)."""
 
 
 def resolve_sublayers_per_block(
@@ -103,9 +105,15 @@ class AttnResTransformerConfig(TransformerConfig):
     """Epsilon of the RMS normalisation applied to the depth keys."""
 
     attn_res_impl: str = "torch"
-    """Aggregation implementation: 'torch' (memory-lean autograd op) or 'reference'."""
+    """Aggregation implementation: 'torch' (memory-lean autograd op), 'fused' (Triton kernels),
+    'two-phase' (paper Algorithm 1: batched inter-block pass per block) or 'reference'."""
 
     def __post_init__(self) -> None:
+        # Megatron validates recompute_modules against its own list; take ours out first.
+        modules = self.recompute_modules
+        self.attn_res_recompute = bool(modules) and ATTN_RES_RECOMPUTE_MODULE in modules
+        if self.attn_res_recompute:
+            self.recompute_modules = [m for m in modules if m != ATTN_RES_RECOMPUTE_MODULE]
         if self.attention_residuals != "none" and self.pipeline_model_parallel_size > 1:
             if self.moe_token_dispatcher_type == "allgather" and self.num_moe_experts:
                 raise ValueError(
@@ -122,6 +130,8 @@ class AttnResTransformerConfig(TransformerConfig):
             if not self.num_moe_experts:  # unused without experts, but checked by Megatron
                 self.moe_token_dispatcher_type = "alltoall"
         super().__post_init__()
+        if self.attn_res_recompute:
+            self.recompute_modules.append(ATTN_RES_RECOMPUTE_MODULE)
         self.attn_res_sublayers_per_block = resolve_sublayers_per_block(
             self.attention_residuals,
             self.num_layers,
@@ -152,10 +162,33 @@ class AttnResTransformerConfig(TransformerConfig):
         for option, (value, fix) in unsupported.items():
             if value:
                 raise ValueError(f"{option}={value!r} is not supported with attention residuals: {fix}.")
-        if self.recompute_granularity == "full":
+        self._validate_attn_res_impl()
+        self._validate_attn_res_recompute()
+
+    def _validate_attn_res_impl(self) -> None:
+        if self.attn_res_impl == "fused":
+            from attnres_megatron.ops.triton_aggregate import MAX_SOURCES, require_triton
+
+            require_triton()
+            sources = self.attn_res_num_sources_at_output()
+            if sources > MAX_SOURCES:
+                raise ValueError(
+                    f"--attn-res-impl fused mixes at most {MAX_SOURCES} sources, but this model's "
+                    f"final aggregation has {sources}; use fewer blocks (--attn-res-num-blocks) "
+                    "or --attn-res-impl torch / two-phase."
+                )
+
+    def _validate_attn_res_recompute(self) -> None:
+        if self.attn_res_recompute and self.recompute_granularity != "selective":
             raise ValueError(
-                "recompute_granularity='full' is not supported with attention residuals yet; "
-                "use recompute_granularity='selective'."
+                f"--recompute-modules {ATTN_RES_RECOMPUTE_MODULE} needs --recompute-granularity "
+                "selective; add it, or drop the module."
+            )
+        if self.attn_res_recompute and self.attn_res_impl == "two-phase":
+            raise ValueError(
+                f"--recompute-modules {ATTN_RES_RECOMPUTE_MODULE} cannot recompute the two-phase "
+                "aggregation (its block statistics are freed after the forward); use "
+                "--attn-res-impl torch or fused with it."
             )
 
     @property

@@ -259,6 +259,10 @@ def enable_cpu_backend() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.initialize_rng_tracker = lambda *args, **kwargs: None
+    # Activation recompute snapshots the "CUDA" generator; on CPU that is the default one,
+    # which Megatron's checkpoint functions already save and restore themselves.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _ENABLED = True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Optional
 
 from megatron.core import tensor_parallel
@@ -11,7 +12,8 @@ from megatron.core.utils import WrappedTensor, get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
-from attnres_megatron.layers.depth_state import DepthState
+from attnres_megatron.layers.depth_state import DepthState, seals_before
+from attnres_megatron.layers.two_phase_mixer import with_mixers
 from attnres_megatron.pipeline.cache import get_source_cache
 from attnres_megatron.pipeline.layout import PipelineLayout
 from attnres_megatron.pipeline.ledger import get_byte_ledger
@@ -94,23 +96,23 @@ class AttnResTransformerBlock(TransformerBlock):
             tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         )
         outer_quantization, per_layer_quantization = self._quantization_contexts()
+        layer_kwargs = dict(
+            attention_mask=attention_mask,
+            context=context,
+            context_mask=context_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=rotary_pos_cos_sin,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset,
+            padding_mask=padding_mask,
+        )
         with rng_context, outer_quantization:
-            for layer in self.layers:
-                with self.offload_context, per_layer_quantization(layer.layer_number - 1):
-                    state, context = layer(
-                        attention_mask=attention_mask,
-                        context=context,
-                        context_mask=context_mask,
-                        rotary_pos_emb=rotary_pos_emb,
-                        rotary_pos_cos=rotary_pos_cos,
-                        rotary_pos_sin=rotary_pos_sin,
-                        rotary_pos_cos_sin=rotary_pos_cos_sin,
-                        attention_bias=attention_bias,
-                        packed_seq_params=packed_seq_params,
-                        sequence_len_offset=sequence_len_offset,
-                        padding_mask=padding_mask,
-                        depth_state=state,
-                    )
+            for start, end, checkpointed in self._recompute_groups():
+                run = self._checkpointed_layers if checkpointed else self._run_layers
+                state = run(state, self.layers[start:end], layer_kwargs, per_layer_quantization)
             if not self.post_process:
                 return self._stage_payload(state)
             hidden_states = self.attn_res_final(state.sources())
@@ -118,6 +120,60 @@ class AttnResTransformerBlock(TransformerBlock):
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+
+    def _run_layers(self, state: DepthState, layers, layer_kwargs: dict, quantization) -> DepthState:
+        """Run ``layers`` on ``state`` (two-phase mixers scoped to these layers)."""
+        state = with_mixers(state, layers, self.config)
+        for layer in layers:
+            with self.offload_context, quantization(layer.layer_number - 1):
+                state, _ = layer(**layer_kwargs, depth_state=state)
+        return state
+
+    def _recompute_groups(self) -> list[tuple[int, int, bool]]:
+        """``(start, end, checkpointed)`` layer ranges for Megatron's full recompute methods."""
+        count = len(self.layers)
+        if self.config.recompute_granularity != "full" or not self.training or count == 0:
+            return [(0, count, False)]
+        step = self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            return [(start, min(start + step, count), True) for start in range(0, count, step)]
+        return [(0, min(step, count), True)] + ([(step, count, False)] if step < count else [])
+
+    def _checkpointed_layers(self, state: DepthState, layers, layer_kwargs: dict, quantization) -> DepthState:
+        """Run ``layers`` under full activation recompute.
+
+        Only tensors cross the checkpoint: the sources in, the blocks sealed inside and the
+        new partial sum out. Block bookkeeping (sealing at the group's first sublayer, the
+        ``on_seal`` taps) happens out here, so re-running the group in backward never seals
+        or stores a block twice.
+        """
+        if seals_before(layers[0].first_sublayer, self.config.attn_res_sublayers_per_block):
+            state = state.seal()
+        num_blocks, has_partial = len(state.blocks), state.partial is not None
+
+        def run_group(*sources: Tensor) -> tuple[Tensor, ...]:
+            inner = DepthState(sources[:num_blocks], sources[num_blocks] if has_partial else None)
+            inner = self._run_layers(inner, layers, layer_kwargs, quantization)
+            return (*inner.blocks[num_blocks:], inner.partial)
+
+        *sealed, partial = self._checkpoint(run_group, state.sources())
+        for block in sealed:
+            state = replace(state, partial=block).seal()
+        return replace(state, partial=partial)
+
+    def _checkpoint(self, function, tensors: list[Tensor]):
+        """Megatron's checkpoint function (Transformer Engine's under FP8/FP4, as Megatron does)."""
+        if self.config.fp8 or self.config.fp4:
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+
+            return te_checkpoint(
+                function,
+                self.config.distribute_saved_activations,
+                tensor_parallel.random.get_cuda_rng_tracker,
+                self.pg_collection.tp,
+                *tensors,
+            )
+        return tensor_parallel.checkpoint(function, self.config.distribute_saved_activations, *tensors)
 
     def _micro_batch(self) -> int:
         """Micro-batch id that Megatron's schedules set on the layers (0 outside them)."""

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import CheckpointWithoutOutput
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
@@ -48,10 +49,27 @@ class AttnResTransformerLayer(TransformerLayer):
         """Global 0-based index of this layer's attention sublayer."""
         return 2 * (self.layer_number - 1)
 
-    def _mix(self, state: DepthState, sublayer: int, depth_attention: DepthAttention):
+    def _sublayer_input(
+        self, state: DepthState, sublayer: int, depth_attention: DepthAttention, norm, recompute_norm: bool
+    ) -> tuple[DepthState, Tensor, Optional[CheckpointWithoutOutput]]:
+        """Seal at a block boundary, then mix and pre-norm the sublayer's input.
+
+        With AttnRes selective recompute the mix and the norm run without saving anything and
+        their output is rebuilt in backward (the caller discards it after the sublayer ran);
+        with Megatron's ``layernorm`` recompute only the norm is treated so.
+        """
         if seals_before(sublayer, self.config.attn_res_sublayers_per_block):
             state = state.seal()
-        return state, depth_attention(state.sources())
+        recompute = self.training and torch.is_grad_enabled()
+        if recompute and self.config.attn_res_recompute:
+            checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
+            normed = checkpoint.checkpoint(lambda *sources: norm(depth_attention(sources)), *state.sources())
+            return state, normed, checkpoint
+        state, mixed = state.mix(sublayer, depth_attention)
+        if recompute and recompute_norm:
+            checkpoint = CheckpointWithoutOutput(fp8=self.config.fp8)
+            return state, checkpoint.checkpoint(norm, mixed), checkpoint
+        return state, norm(mixed), None
 
     def _bias_dropout(self, output_with_bias: tuple[Tensor, Optional[Tensor]]) -> Tensor:
         output, bias = output_with_bias
@@ -79,9 +97,15 @@ class AttnResTransformerLayer(TransformerLayer):
         **_: Any,
     ) -> tuple[DepthState, Optional[Tensor]]:
         """Run both sublayers on ``depth_state``; returns the updated state and ``context``."""
-        state, x = self._mix(depth_state, self.first_sublayer, self.attn_res_attention)
+        state, normed, checkpoint = self._sublayer_input(
+            depth_state,
+            self.first_sublayer,
+            self.attn_res_attention,
+            self.input_layernorm,
+            self.recompute_input_layernorm,
+        )
         attention_output = self.self_attention(
-            self.input_layernorm(x),
+            normed,
             attention_mask=attention_mask,
             inference_context=inference_context,
             rotary_pos_emb=rotary_pos_emb,
@@ -92,10 +116,16 @@ class AttnResTransformerLayer(TransformerLayer):
             packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset,
         )
+        _discard_and_recompute(checkpoint, attention_output)
         state = state.add(self._bias_dropout(attention_output))
 
-        state, x = self._mix(state, self.first_sublayer + 1, self.attn_res_mlp)
-        normed = self._forward_pre_mlp_layernorm(x)
+        state, normed, checkpoint = self._sublayer_input(
+            state,
+            self.first_sublayer + 1,
+            self.attn_res_mlp,
+            self.pre_mlp_layernorm,
+            self.recompute_pre_mlp_layernorm,
+        )
         if self.recompute_mlp:
             from megatron.core import tensor_parallel
 
@@ -104,11 +134,18 @@ class AttnResTransformerLayer(TransformerLayer):
             )
         else:
             mlp_output = self.mlp(normed, padding_mask=padding_mask)
-        if self.recompute_pre_mlp_layernorm:
-            self.pre_mlp_norm_checkpoint.discard_output_and_register_recompute(mlp_output[0])
+        _discard_and_recompute(checkpoint, mlp_output)
         state = state.add(self._bias_dropout(mlp_output))
         return state, context
 
     def __call__(self, *args, **kwargs):
         # Bypass Megatron's CUDA-graph dispatch, which assumes a tensor in and out.
         return torch.nn.Module.__call__(self, *args, **kwargs)
+
+
+def _discard_and_recompute(
+    checkpoint: Optional[CheckpointWithoutOutput], output_with_bias: tuple[Tensor, Optional[Tensor]]
+) -> None:
+    """Free a checkpointed sublayer input; rebuild it when the sublayer output's grad arrives."""
+    if checkpoint is not None:
+        checkpoint.discard_output_and_register_recompute(output_with_bias[0])

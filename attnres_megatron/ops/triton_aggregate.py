@@ -44,6 +44,7 @@ CPU tensors work under ``TRITON_INTERPRET=1`` (used by the tests; not a performa
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -469,4 +470,9 @@ def aggregate_fused(
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
     require_triton()
+    if not sources[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "--attn-res-impl fused runs its Triton kernels on GPU tensors; on CPU use "
+            "--attn-res-impl torch (or set TRITON_INTERPRET=1 before importing triton, a slow test mode)."
+        )
     return FusedAttnResAggregate.apply(query, gain, eps, block_h, *sources)
