@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -277,3 +278,123 @@ def test_plot_tool_random_init_demo(tmp_path):
     )
     assert reloaded.returncode == 0, reloaded.stderr[-3000:]
     assert reloaded.stdout.splitlines()[:-1] == result.stdout.splitlines()[:-1]
+
+
+TRAINED = [
+    "--device",
+    "cpu",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "16",
+    "--micro-batch-size",
+    "2",
+    "--train-iters",
+    "3",
+    "--lr",
+    "0.03",
+    "--lr-warmup-iters",
+    "1",
+    "--corpus-bytes",
+    "300000",
+    "--attention-residuals",
+    "block",
+    "--attn-res-block-size",
+    "2",
+]
+# Megatron's local layer spec checkpoints its pre-norms under Transformer Engine's names.
+TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def plain_model_state(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """A whole-model state dict read with torch.distributed.checkpoint alone (no Megatron):
+    layer tensors are stored stacked along a leading layer dimension."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(checkpoint), str(scratch))
+    state = {}
+    for key, value in torch.load(scratch, weights_only=False).items():
+        if key.startswith(("optimizer", "rng_state")) or "_extra_state" in key:
+            continue
+        if key.startswith("decoder.layers."):
+            name = key.removeprefix("decoder.layers.")
+            for layer, tensor in enumerate(value):
+                state[f"decoder.layers.{layer}.{TE_NORM_NAMES.get(name, name)}"] = tensor
+        else:
+            state[key] = value
+    return state
+
+
+def plot_tool_module():
+    """tools/plot_depth_attention.py imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_depth_attention", REPO_ROOT / "tools/plot_depth_attention.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_tool_reads_a_distributed_checkpoint(tmp_path, reseed):
+    from attnres_megatron.training.arguments import build_parser
+    from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
+    from attnres_megatron.training.model_setup import config_from_args
+
+    ck = tmp_path / "ck"
+    trained = subprocess.run(
+        [sys.executable, "-m", "attnres_megatron.training.pretrain", *TRAINED, "--save", str(ck)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    output, snapshot_path = tmp_path / "depth.png", tmp_path / "snapshot.json"
+    tool = [sys.executable, str(REPO_ROOT / "tools" / "plot_depth_attention.py")]
+    result = subprocess.run(
+        [*tool, "--load", str(ck), "--output", str(output), "--snapshot-json", str(snapshot_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    png = output.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    reported = json.loads(snapshot_path.read_text())
+
+    # The same model, loaded independently of the tool and of Megatron's sharded loading.
+    args = build_parser().parse_args(TRAINED)
+    reseed()
+    model = build_gpt_model(config_from_args(args, "cpu"), BYTE_VOCAB_SIZE, 16, transformer_impl="local")
+    loaded = model.load_state_dict(
+        plain_model_state(ck / "iter_0000003", tmp_path / "plain.pt"), strict=False
+    )
+    assert not loaded.unexpected_keys
+    assert all(key.endswith("_extra_state") for key in loaded.missing_keys)
+    assert torch.count_nonzero(model.decoder.attn_res_final.pseudo_query) > 0  # trained queries
+    plot = plot_tool_module()
+    expected = plot.record_forward(model, 16, 2, 1234)
+    assert list(reported) == list(expected) == NAMES_3_LAYERS[:4] + ["final"]
+    for name, entry in expected.items():
+        np.testing.assert_allclose(reported[name]["weights"], entry["weights"], rtol=0, atol=1e-6)
+    assert any(np.abs(np.array(e["weights"]) - 1 / e["sources"]).max() > 1e-3 for e in expected.values())
+    matrix, rows, cols = depth_weight_matrix(expected)
+    assert format_matrix(matrix, rows, cols) in result.stdout
+
+    # Missing and corrupted checkpoints: clear errors naming the directory.
+    with pytest.raises(SystemExit, match="latest_checkpointed_iteration.txt"):
+        plot.checkpoint_args(tmp_path / "nothing")
+    for shard in (ck / "iter_0000003").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=f"--load {ck}: .* incomplete or corrupted"):
+        plot.load_distributed_checkpoint(model, ck)

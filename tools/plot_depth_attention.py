@@ -6,6 +6,12 @@ prints the mean softmax weight of every source at every sublayer, and writes a P
 
 Inputs (one of):
 
+* ``--load DIR``: a checkpoint directory written by ``attnres-pretrain --save DIR``
+  (Megatron-Core ``dist_checkpointing``, any TP/PP layout). The latest iteration named by
+  ``DIR/latest_checkpointed_iteration.txt`` is read; the model is rebuilt from the run's
+  arguments stored in the checkpoint (made single-process and fp32) and its weights are
+  loaded through Megatron's sharded state dict, resharded to one process.
+
 * ``--checkpoint DIR``: the plugin's "plain" export, a directory holding
 
   - ``model_state.pt``: ``torch.save(model.state_dict(), ...)`` of the whole, unsplit model
@@ -15,13 +21,16 @@ Inputs (one of):
     (``vars(args)``; keys with underscores, e.g. ``"num_layers": 4``); missing keys take
     ``attnres-pretrain``'s defaults. Parallel sizes are reset to 1 and bf16 to fp32.
 
-  ``--save-export DIR`` writes this format for the model the tool built.
+  ``--save-export DIR`` writes this format for the model the tool built or loaded.
 
 * ``--random-init-demo``: a tiny AttnRes GPT (Block AttnRes, S=2 by default) with its own
   initialisation. Pseudo-queries start at zero, so every weight is ``1/n`` (uniform over
   sources); ``--query-std`` draws them from N(0, std^2) for a non-uniform picture.
 
-Example: ``python tools/plot_depth_attention.py --random-init-demo --output depth_attention.png``.
+Examples::
+
+    python tools/plot_depth_attention.py --load checkpoints/run1 --output depth_attention.png
+    python tools/plot_depth_attention.py --random-init-demo --output depth_attention.png
 """
 
 from __future__ import annotations
@@ -88,7 +97,7 @@ def model_args(saved: dict[str, Any]) -> argparse.Namespace:
     args = build_parser().parse_args([])
     unknown = sorted(set(saved) - set(vars(args)))
     if unknown:
-        print(f"note: ignoring unknown keys in args.json: {', '.join(unknown)}", file=sys.stderr)
+        print(f"note: ignoring unknown saved arguments: {', '.join(unknown)}", file=sys.stderr)
     for key, value in saved.items():
         if key in vars(args):
             setattr(args, key, value)
@@ -158,6 +167,60 @@ def load_plain_export(model: torch.nn.Module, directory: Path) -> None:
         )
 
 
+class _ModelOnly:
+    """The one part of a training setup that loading model weights needs: its chunks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+
+def checkpoint_args(root: Path) -> tuple[argparse.Namespace, int]:
+    """The saving run's arguments and the latest iteration of the checkpoint under ``root``."""
+    from megatron.core import dist_checkpointing
+
+    from attnres_megatron.training.checkpointing import (
+        READ_ERRORS,
+        CheckpointError,
+        iteration_dir,
+        latest_iteration,
+    )
+
+    try:
+        iteration = latest_iteration(str(root))
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    path = iteration_dir(str(root), iteration)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except READ_ERRORS as error:
+        raise SystemExit(f"error: --load {root}: cannot read {path}: {error}") from None
+    saved = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(saved, dict) or not saved:
+        raise SystemExit(
+            f"error: --load {root}: {path} holds no run arguments; point --load at a directory "
+            "written by attnres-pretrain --save."
+        )
+    return model_args(saved), iteration
+
+
+def load_distributed_checkpoint(model: torch.nn.Module, root: Path) -> None:
+    """Load the model weights of the latest checkpoint under ``root`` (any saved layout)."""
+    from attnres_megatron.training.checkpointing import CheckpointError, load_checkpoint
+
+    try:
+        loaded = load_checkpoint(_ModelOnly(model), str(root), load_optimizer=False)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    if loaded.warm_start:
+        raise SystemExit(
+            f"error: --load {root}: the checkpoint has no AttnRes parameters "
+            f"({', '.join(loaded.missing_keys[:3])}, ...): it comes from a baseline run."
+        )
+
+
 def save_plain_export(model: torch.nn.Module, args: argparse.Namespace, directory: Path) -> None:
     """Write ``model_state.pt`` and ``args.json`` (the plain export) to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -185,12 +248,15 @@ def record_forward(
 def parse_cli(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--load", type=Path, help="checkpoint directory written by attnres-pretrain --save (latest iteration)"
+    )
     source.add_argument("--checkpoint", type=Path, help="directory with model_state.pt and args.json")
     source.add_argument("--random-init-demo", action="store_true", help="a tiny randomly initialised model")
     parser.add_argument("--output", type=Path, default=Path("depth_attention.png"), help="PNG to write")
     parser.add_argument("--snapshot-json", type=Path, help="also write the recorder snapshot as JSON")
     parser.add_argument(
-        "--seq-length", type=int, default=None, help="tokens per sample (default: args.json, or 64)"
+        "--seq-length", type=int, default=None, help="tokens per sample (default: the saved run's, or 64)"
     )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
@@ -201,37 +267,41 @@ def parse_cli(argv: Optional[list[str]] = None) -> argparse.Namespace:
     demo.add_argument("--attention-residuals", choices=("block", "full"), default="block")
     demo.add_argument("--attn-res-block-size", type=int, default=2)
     demo.add_argument("--query-std", type=float, default=0.0, help="draw pseudo-queries from N(0, std^2)")
-    demo.add_argument("--save-export", type=Path, help="write the demo model as a plain export here")
+    parser.add_argument("--save-export", type=Path, help="also write the model as a plain export here")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line: build or load the model, record one forward, print and plot."""
     cli = parse_cli(argv)
-    if cli.checkpoint is not None:
+    if cli.load is not None:
+        args, iteration = checkpoint_args(cli.load)
+        label = f"{cli.load}, iteration {iteration}"
+    elif cli.checkpoint is not None:
         args_path = cli.checkpoint / "args.json"
         if not (cli.checkpoint / "model_state.pt").is_file() or not args_path.is_file():
             raise SystemExit(f"error: {cli.checkpoint} needs model_state.pt and args.json (see --help).")
         args = model_args(json.loads(args_path.read_text()))
-        if cli.seq_length:
-            args.seq_length = cli.seq_length
-    else:
-        args = demo_args(cli)
-    start_single_process(cli.seed)
-    model = build_model(args)
-    if cli.checkpoint is not None:
-        load_plain_export(model, cli.checkpoint)
         label = str(cli.checkpoint)
     else:
-        if cli.query_std > 0:
-            generator = torch.Generator().manual_seed(cli.seed)
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith("pseudo_query"):
-                        param.copy_(torch.randn(param.shape, generator=generator) * cli.query_std)
+        args = demo_args(cli)
         label = "random init" + (f", query std {cli.query_std:g}" if cli.query_std > 0 else "")
-        if cli.save_export is not None:
-            save_plain_export(model, args, cli.save_export)
+    if cli.seq_length:
+        args.seq_length = cli.seq_length
+    start_single_process(cli.seed)
+    model = build_model(args)
+    if cli.load is not None:
+        load_distributed_checkpoint(model, cli.load)
+    elif cli.checkpoint is not None:
+        load_plain_export(model, cli.checkpoint)
+    elif cli.query_std > 0:
+        generator = torch.Generator().manual_seed(cli.seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("pseudo_query"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * cli.query_std)
+    if cli.save_export is not None:
+        save_plain_export(model, args, cli.save_export)
     snapshot = record_forward(model, args.seq_length, cli.batch_size, cli.seed)
     matrix, rows, cols = depth_weight_matrix(snapshot)
     print(format_matrix(matrix, rows, cols))
