@@ -41,15 +41,18 @@ INVALID = [
     (dict(attention_residuals="none", attn_res_block_size=2), "--attn-res-block-size"),
     (dict(attention_residuals="full", attn_res_eps=0.0), "--attn-res-eps"),
     (dict(attention_residuals="full", attn_res_impl="cuda"), "--attn-res-impl"),
+    (dict(attention_residuals="full", recompute_modules=["attn_res"]), "--recompute-granularity selective"),
     (
         dict(
-            attention_residuals="full",
-            recompute_granularity="full",
-            recompute_method="uniform",
-            recompute_num_layers=1,
+            attention_residuals="block",
+            attn_res_block_size=2,
+            attn_res_impl="two-phase",
+            recompute_granularity="selective",
+            recompute_modules=["attn_res"],
         ),
-        "recompute_granularity",
+        "--attn-res-impl torch or fused",
     ),
+    (dict(attention_residuals="full", num_layers=8, attn_res_impl="fused"), "--attn-res-num-blocks"),
     (
         dict(attention_residuals="full", apply_residual_connection_post_layernorm=True),
         "apply_residual_connection_post_layernorm",
@@ -73,3 +76,40 @@ def test_stock_config_fields_still_validated():
             tensor_model_parallel_size=2,
             attention_residuals="full",
         )
+
+
+def test_attn_res_recompute_module_passes_megatron_validation():
+    cfg = config(
+        attention_residuals="full",
+        recompute_granularity="selective",
+        recompute_modules=["attn_res", "layernorm"],
+    )
+    assert cfg.attn_res_recompute
+    assert cfg.recompute_modules == ["layernorm", "attn_res"]
+    assert not config(attention_residuals="full", recompute_granularity="selective").attn_res_recompute
+
+
+def test_full_recompute_is_accepted():
+    cfg = config(
+        attention_residuals="block",
+        attn_res_block_size=3,
+        recompute_granularity="full",
+        recompute_method="block",
+        recompute_num_layers=2,
+    )
+    assert cfg.recompute_granularity == "full"
+
+
+def test_fused_without_triton_names_the_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    with pytest.raises(ImportError, match=r"attnres-megatron\[triton\]"):
+        config(attention_residuals="full", attn_res_impl="fused")

@@ -68,9 +68,10 @@ PARITY_CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", ["torch", "two-phase"])
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
-def test_fp64_parity_with_independent_reference(reseed, case):
-    config = make_config(num_layers=5, **PARITY_CASES[case])
+def test_fp64_parity_with_independent_reference(reseed, case, impl):
+    config = make_config(num_layers=5, attn_res_impl=impl, **PARITY_CASES[case])
     reseed()
     model = build_gpt_model(config, VOCAB, SEQ, transformer_impl="local").double()
     generator = torch.Generator().manual_seed(7)

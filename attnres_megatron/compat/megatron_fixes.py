@@ -6,6 +6,9 @@
 * Without TE, ``multi_latent_attention.TELinear`` is a placeholder (not a class) while that
   module's ``HAVE_TE`` stays true, so MLA's ``isinstance(linear_proj, TELinear)`` raises
   ``TypeError``. We mark TE as absent there.
+* ``CheckpointWithoutOutput()`` (selective ``layernorm``/``mlp`` recompute) turns its default
+  ``fp8=False`` into "query TE's FP8 state", which raises ``NameError`` without TE. Without
+  TE there is no FP8 state to query, so we switch that query off.
 """
 
 from __future__ import annotations
@@ -42,4 +45,19 @@ def apply_megatron_fixes() -> None:
 
     if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False
+    _skip_fp8_query_without_te()
     _APPLIED = True
+
+
+def _skip_fp8_query_without_te() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if mcore_random.HAVE_TE:
+        return
+    original_init = mcore_random.CheckpointWithoutOutput.__init__
+
+    def init_without_fp8(self, fp8=False):
+        original_init(self, fp8=fp8)
+        self.fp8 = False
+
+    mcore_random.CheckpointWithoutOutput.__init__ = init_without_fp8

@@ -70,6 +70,43 @@ def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_recompute_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron's activation-recompute flags; ``attn_res`` joins the selective modules."""
+    recompute = parser.add_argument_group("activation recompute")
+    recompute.add_argument(
+        "--recompute-granularity",
+        choices=("full", "selective"),
+        default=None,
+        help="Recompute whole layers (full) or chosen modules (selective) in backward.",
+    )
+    recompute.add_argument(
+        "--recompute-method",
+        choices=("uniform", "block"),
+        default=None,
+        help="Full recompute: checkpoint groups of --recompute-num-layers layers (uniform), "
+        "or only the first --recompute-num-layers layers of each stage (block).",
+    )
+    recompute.add_argument("--recompute-num-layers", type=int, default=None)
+    recompute.add_argument(
+        "--recompute-modules",
+        nargs="*",
+        default=None,
+        help="Selective recompute modules: Megatron's (core_attn, layernorm, mlp, moe, moe_act, "
+        "mla_up_proj, shared_experts) and attn_res (the depth mix and the pre-norm reading it).",
+    )
+
+
+def add_model_arg(group: argparse._ActionsContainer) -> None:
+    """Add ``--model`` (gpt or a Kimi Linear preset; also used by the Megatron-LM integration)."""
+    group.add_argument(
+        "--model",
+        choices=MODEL_CHOICES,
+        default="gpt",
+        help="gpt (shape from the model flags) or a Kimi Linear preset (KDA + NoPE "
+        "MLA + MoE; the preset fixes the shape, Block AttnRes S=6 by default).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnres-pretrain",
@@ -77,13 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        choices=MODEL_CHOICES,
-        default="gpt",
-        help="gpt (shape from the flags below) or a Kimi Linear preset (KDA + NoPE "
-        "MLA + MoE; the preset fixes the shape, Block AttnRes S=6 by default).",
-    )
+    add_model_arg(model)
     model.add_argument("--num-layers", type=int, default=4)
     model.add_argument("--hidden-size", type=int, default=128)
     model.add_argument(
@@ -178,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Shard optimizer state across data-parallel ranks.",
     )
+    add_recompute_args(parser)
 
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -256,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TensorBoard logs: loss, lr, grad norm, tokens/s, per-layer output RMS "
         "and gradient norms, depth-attention heatmaps (needs the tensorboard extra).",
+    )
+    run_logging.add_argument(
+        "--no-progress-bar",
+        action="store_true",
+        help="No progress bar (one is drawn on the logging rank when stdout is a terminal and tqdm "
+        "is installed).",
     )
 
     ckpt = parser.add_argument_group("checkpoints")

@@ -75,6 +75,10 @@ def parallel_fields(args: argparse.Namespace, device: str) -> dict:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
     )
 
 
