@@ -40,6 +40,27 @@ SCENARIOS = {
     "pp4_uneven_first_last": dict(pp=4, layers=8, block=3, micro_batches=4, first=1, last=3),
     "pp2_layout_1_3": dict(pp=2, layers=4, block=3, micro_batches=3, layout="Et|t*3L", split=[1, 3]),
     "kimi_tiny_pp2_uneven": dict(pp=2, layers=5, block=4, micro_batches=3, first=2, kimi=True, hidden=64),
+    "pp2_vpp2_full_recompute_two_phase": dict(
+        pp=2,
+        vpp=2,
+        layers=4,
+        block=3,
+        micro_batches=4,
+        extra=dict(
+            recompute_granularity="full",
+            recompute_method="uniform",
+            recompute_num_layers=1,
+            attn_res_impl="two-phase",
+        ),
+    ),
+    "pp2_vpp2_selective_attn_res": dict(
+        pp=2,
+        vpp=2,
+        layers=4,
+        block=3,
+        micro_batches=4,
+        extra=dict(recompute_granularity="selective", recompute_modules=["attn_res"]),
+    ),
     "pp2_vpp2_dropped_deposit": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, drop_deposit=True),
 }
 
@@ -54,6 +75,7 @@ def make_config(spec: dict, parallel: bool):
             num_layers_in_last_pipeline_stage=spec.get("last"),
             pipeline_model_parallel_layout=spec.get("layout"),
             pipeline_dtype=torch.float64,
+            **spec.get("extra", {}),
         )
     if spec.get("kimi"):
         return kimi_tiny_config(**pipeline)
