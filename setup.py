@@ -28,7 +28,8 @@ setup(
         "tensorboard": ["tensorboard", "matplotlib"],
         "triton": ["triton"],
         "fla": ["flash-linear-attention"],
-        "test": ["pytest", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton"],
+        "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
+        "test": ["pytest", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton", "tqdm"],
     },
     entry_points={
         "console_scripts": [

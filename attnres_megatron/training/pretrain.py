@@ -42,12 +42,14 @@ from attnres_megatron.training.model_setup import (
     setup_training,
     virtual_stages,
 )
+from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
 
 
 def log(message: str) -> None:
-    """Print on the rank that holds the loss (the last rank), as Megatron-LM does."""
+    """Print on the rank that holds the loss (the last rank), as Megatron-LM does (above the
+    progress bar when one is shown)."""
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        print(message, flush=True)
+        print_line(message)
 
 
 def training_batches(args: argparse.Namespace, device: str) -> DataParallelBatches:
@@ -117,6 +119,7 @@ def train(args: argparse.Namespace) -> dict:
         setup = setup_training(args, config, BYTE_VOCAB_SIZE, device)
         return _train(args, setup, device, launch.launcher)
     finally:
+        close_progress_bar()
         shutdown_parallel()
 
 
@@ -210,6 +213,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     for chunk in setup.chunks:
         chunk.train()
+    progress = ProgressBar(args.train_iters, start_iteration, enabled=logs_here and not args.no_progress_bar)
     for step in range(start_iteration, args.train_iters):
         for chunk in setup.chunks:
             chunk.zero_grad_buffer()
@@ -239,6 +243,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
                 )
             log(f" iteration {step + 1:8d}/{args.train_iters:8d} | skipped: non-finite loss or gradients |")
             skipped.append(step + 1)
+            progress.update(skipped=True)
             setup.scheduler.step(increment=1)
             continue
         if board is not None and logging_step:
@@ -253,6 +258,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             raise SystemExit(f"error: the optimizer rejected iteration {step + 1} (gradient overflow).")
         setup.scheduler.step(increment=1)
         losses.append(loss)
+        progress.update(loss)
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
             now = time.perf_counter()
             steps = (step % args.log_interval) + 1
@@ -288,6 +294,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             log(f"> {reason}: stopped after iteration {step + 1}")
             break
     termination.restore()
+    progress.close()
     if board is not None:
         board.close()
     if args.save and saved_at != step + 1:
