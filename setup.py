@@ -34,6 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "attnres-pretrain=attnres_megatron.training.pretrain:main",
+            "attnres-profile=attnres_megatron.profiling.cli:main",
         ]
     },
 )

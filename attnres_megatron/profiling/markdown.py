@@ -1,0 +1,169 @@
+"""The human-readable report: medians per variant, ratios to the baseline, stages, boundaries."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+MIB = 1 << 20
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.2f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _mib(value: int) -> str:
+    return f"{value / MIB:.2f}"
+
+
+def _table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Markdown tables of one report (all figures come from the report itself)."""
+    model, parallel, precision = report["model"], report["parallel"], report["precision"]
+    env = report["environment"]
+    te = env["transformer_engine"] or "not installed"
+    lines = [
+        "# attnres-profile report",
+        "",
+        f"Model `{model['name']}`: {model['num_layers']} layers, hidden {model['hidden_size']}, sequence "
+        f"{model['seq_length']}, micro-batch {model['micro_batch_size']}, global batch "
+        f"{model['global_batch_size']} ({model['num_micro_batches']} micro-batches per step, "
+        f"{model['tokens_per_step']} tokens per step).",
+        f"Parallel: world {parallel['world_size']} ({parallel['launcher']}), TP {parallel['tensor']}"
+        f"{' + SP' if parallel['sequence_parallel'] else ''}, PP {parallel['pipeline']}"
+        f"{' x VPP ' + str(parallel['virtual_stages']) if parallel['virtual_stages'] else ''}, "
+        f"CP {parallel['context']}, EP {parallel['expert']}, DP {parallel['data']}.",
+        f"Device: {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}; torch {env['torch']}, "
+        f"megatron-core {env['megatron_core']}, Transformer Engine {te}.",
+        f"Precision: requested {precision['requested']}, used {precision['used']}"
+        + (f" (fallback: {precision['fallback_reason']})" if precision["fallback_reason"] else "")
+        + f"; AttnRes statistics in {precision['attn_res_statistics_dtype']}.",
+        f"Steps per variant: {report['steps']['warmup']} warmup, {report['steps']['timed']} timed (medians), "
+        f"1 instrumented (memory, aggregation time).",
+        "",
+        "## Step time (median, ms)",
+        "",
+    ]
+    variants = report["variants"]
+    lines += _table(
+        ["variant", "S", "step", "forward", "backward", "optimizer", "other", "tokens/s", "peak MiB"],
+        [
+            [
+                v["name"],
+                v["sublayers_per_block"] or "-",
+                _ms(v["step_time_s"]),
+                _ms(v["forward_s"]),
+                _ms(v["backward_s"]),
+                _ms(v["optimizer_s"]),
+                _ms(v["other_s"]),
+                f"{v['tokens_per_second']:.0f}",
+                _mib(v["memory"]["peak_bytes"]),
+            ]
+            for v in variants
+        ],
+        "---:",
+    )
+    if report["ratios"]:
+        lines += [f"## Ratios to `{report['baseline']}` (same run)", ""]
+        metrics = list(next(iter(report["ratios"].values())))
+        lines += _table(
+            ["variant", *metrics],
+            [[name, *(_ratio(row[m]) for m in metrics)] for name, row in report["ratios"].items()],
+            "---:",
+        )
+    lines += ["## Memory (MiB)", "", f"Method: {report['methods']['memory']}.", ""]
+    lines += _table(
+        ["variant", "peak", "parameters", "gradients", "optimizer state", "saved activations (peak)"],
+        [
+            [
+                v["name"],
+                *(
+                    _mib(v["memory"][k])
+                    for k in (
+                        "peak_bytes",
+                        "parameter_bytes",
+                        "gradient_bytes",
+                        "optimizer_state_bytes",
+                        "peak_saved_activation_bytes",
+                    )
+                ),
+            ]
+            for v in variants
+        ],
+        "---:",
+    )
+    lines += ["## AttnRes aggregation", ""]
+    lines += _table(
+        ["variant", "calls per step", "forward ms (instrumented step)", "share of forward"],
+        [
+            [
+                v["name"],
+                v["aggregation"]["calls_per_step"],
+                _ms(v["aggregation"]["forward_s"]),
+                f"{100 * v['aggregation']['share_of_forward']:.1f}%",
+            ]
+            for v in variants
+        ],
+        "---:",
+    )
+    if parallel["pipeline"] > 1:
+        lines += ["## Pipeline stages (median ms)", ""]
+        lines += _table(
+            ["variant", "stage", "forward", "backward", "optimizer", "p2p", "step", "peak MiB", "imbalance"],
+            [
+                [
+                    v["name"],
+                    s["pp_rank"],
+                    _ms(s["forward_s"]),
+                    _ms(s["backward_s"]),
+                    _ms(s["optimizer_s"]),
+                    _ms(s["p2p_s"]),
+                    _ms(s["step_s"]),
+                    _mib(s["peak_memory_bytes"]),
+                    f"{v['stage_imbalance']:.3f}",
+                ]
+                for v in variants
+                for s in v["stages"]
+            ],
+            "---:",
+        )
+        lines += ["## Pipeline boundaries (per sending rank)", "", report["methods"]["pipeline_bytes"], ""]
+        lines += _table(
+            [
+                "variant",
+                "boundary",
+                "sources (naive)",
+                "fwd bytes/mb",
+                "bwd bytes/mb",
+                "bytes/step",
+                "sender p2p ms",
+                "receiver p2p ms",
+                "from",
+            ],
+            [
+                [
+                    v["name"],
+                    b["boundary"],
+                    f"{b['sources']} ({b['sources_naive']})",
+                    b["forward_bytes_per_micro_batch"],
+                    b["backward_bytes_per_micro_batch"],
+                    b["forward_bytes_per_step"] + b["backward_bytes_per_step"],
+                    _ms(b["sender_p2p_s"]),
+                    _ms(b["receiver_p2p_s"]),
+                    b["bytes_from"],
+                ]
+                for v in variants
+                for b in v["pipeline"]["boundaries"]
+            ],
+            "---:",
+        )
+    lines += ["## Method", "", report["methods"]["timing"], ""]
+    return "\n".join(lines)

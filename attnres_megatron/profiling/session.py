@@ -1,0 +1,52 @@
+"""A whole profile on this rank: process groups, data, every variant, results gathered on rank 0."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional
+
+import torch
+
+from attnres_megatron.profiling.precision import resolve_precision
+from attnres_megatron.profiling.report import build_report
+from attnres_megatron.profiling.runner import profile_variant
+from attnres_megatron.training.arguments import validate_args
+from attnres_megatron.training.distributed import initialize_parallel, resolve_device, shutdown_parallel
+from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
+from attnres_megatron.training.model_setup import virtual_stages
+from attnres_megatron.training.pretrain import training_batches
+
+
+def run_profile(args: argparse.Namespace, argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    """Profile every variant in ``args.variants``; rank 0 returns the report, other ranks None."""
+    try:
+        launch = discover_launch_env()
+    except LaunchEnvError as error:
+        raise SystemExit(f"error: {error}") from None
+    validate_args(args, launch.world_size)
+    device = resolve_device(args.device)
+    plan = resolve_precision(args, device)
+    initialize_parallel(
+        device,
+        args.seed,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(args),
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        launch_env=launch,
+    )
+    try:
+        data = training_batches(args, device)
+        gathered = []
+        for variant in args.variants:
+            local = profile_variant(args, variant, device, plan, data)
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, local)
+            gathered.append(everyone)
+        if torch.distributed.get_rank() != 0:
+            return None
+        return build_report(args, plan, device, gathered, launch.launcher, argv)
+    finally:
+        shutdown_parallel()

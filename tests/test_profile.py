@@ -1,0 +1,414 @@
+"""``attnres-profile``: schema, consistency, pipeline bytes against shapes, FP8 refusal and fallback."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnres_megatron.profiling import precision
+from attnres_megatron.profiling.memory import SavedActivationTracker, storage_key
+from attnres_megatron.profiling.report import RATIO_METRICS, compute_ratios
+from attnres_megatron.profiling.schema import ReportValidationError, report_errors, validate_report
+from attnres_megatron.profiling.timers import P2P_TIMERS, ScheduleTimers
+from attnres_megatron.profiling.variants import variant_args
+
+LAYERS, HIDDEN, SEQ, MICRO_BATCH = 2, 64, 32, 2
+TINY = [
+    "--device",
+    "cpu",
+    "--num-layers",
+    str(LAYERS),
+    "--hidden-size",
+    str(HIDDEN),
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    str(SEQ),
+    "--micro-batch-size",
+    str(MICRO_BATCH),
+    "--corpus-bytes",
+    "300000",
+]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+FP32 = 4
+
+
+def profile(out_dir, *args: str) -> subprocess.CompletedProcess:
+    """Run ``attnres-profile`` in a fresh process (one thread per process: the CPU is shared)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "attnres_megatron.profiling.cli", *args, "--output-dir", str(out_dir)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def load_report(out_dir, result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out_dir / "profile.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile_cpu")
+    result = profile(out, *TINY, "--global-batch-size", "4", "--warmup-steps", "1", "--timed-steps", "3")
+    return out, load_report(out, result)
+
+
+@pytest.fixture(scope="module")
+def pp_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile_pp2")
+    result = profile(
+        out,
+        *TINY,
+        "--num-layers",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--attn-res-block-size",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--timed-steps",
+        "2",
+        "--no-plots",
+    )
+    return load_report(out, result)
+
+
+def by_name(report: dict) -> dict:
+    return {variant["name"]: variant for variant in report["variants"]}
+
+
+# ----------------------------------------------------------------------------- CPU run
+
+
+@pytest.mark.parametrize("use_jsonschema", [True, False], ids=["jsonschema", "builtin"])
+def test_report_validates_and_mutated_reports_fail(cpu_run, use_jsonschema):
+    _, report = cpu_run
+    assert report_errors(report, use_jsonschema) == []
+    mutations = [
+        lambda r: r["variants"][0].pop("step_time_s"),
+        lambda r: r["variants"][1].__setitem__("tokens_per_second", "fast"),
+        lambda r: r["variants"][0]["memory"].__setitem__("peak_bytes", -1),
+        lambda r: r["variants"][2].__setitem__("name", "half"),
+        lambda r: r["precision"].__setitem__("used", 16),
+        lambda r: r["variants"][0]["steps"].clear(),
+        lambda r: r.__setitem__("unexpected", 1),
+        lambda r: r["model"].__setitem__("num_layers", True),
+    ]
+    for mutate in mutations:
+        bad = copy.deepcopy(report)
+        mutate(bad)
+        assert report_errors(bad, use_jsonschema), bad
+    with pytest.raises(ReportValidationError, match="step_time_s"):
+        bad = copy.deepcopy(report)
+        del bad["variants"][0]["step_time_s"]
+        validate_report(bad, use_jsonschema)
+
+
+def test_cpu_run_writes_markdown_and_plots(cpu_run):
+    out, report = cpu_run
+    markdown = (out / "profile.md").read_text()
+    assert "## Ratios to `none`" in markdown and "| block |" in markdown and "| full |" in markdown
+    for name in ("step_breakdown.png", "memory.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [v["name"] for v in report["variants"]] == ["none", "block", "full"]
+    assert report["precision"]["requested"] == report["precision"]["used"] == "fp32"
+    assert report["environment"]["device"] == "cpu"
+
+
+def test_step_split_adds_up_and_tokens_per_second(cpu_run):
+    _, report = cpu_run
+    tokens = 4 * SEQ
+    for variant in report["variants"]:
+        assert len(variant["steps"]) == 3
+        for step in variant["steps"]:
+            parts = step["forward_s"] + step["backward_s"] + step["optimizer_s"]
+            assert step["other_s"] == pytest.approx(step["step_s"] - parts, abs=1e-12)
+            assert step["other_s"] >= 0  # the parts are disjoint intervals inside the step
+            assert min(step["forward_s"], step["backward_s"], step["optimizer_s"]) > 0
+        for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "other_s"):
+            values = sorted(step[key] for step in variant["steps"])
+            assert variant["step_time_s" if key == "step_s" else key] == values[1]  # median of 3
+        covered = variant["forward_s"] + variant["backward_s"] + variant["optimizer_s"]
+        assert 0.5 * variant["step_time_s"] <= covered <= 1.05 * variant["step_time_s"]
+        assert variant["tokens_per_step"] == tokens
+        assert variant["tokens_per_second"] == pytest.approx(tokens / variant["step_time_s"], rel=1e-12)
+
+
+def test_ratios_are_ratios_of_reported_numbers(cpu_run):
+    _, report = cpu_run
+    variants = by_name(report)
+    base = variants["none"]
+    assert report["baseline"] == "none"
+    for name, row in report["ratios"].items():
+        variant = variants[name]
+        assert row["step_time"] == pytest.approx(variant["step_time_s"] / base["step_time_s"], rel=1e-12)
+        assert row["forward"] == pytest.approx(variant["forward_s"] / base["forward_s"], rel=1e-12)
+        assert row["backward"] == pytest.approx(variant["backward_s"] / base["backward_s"], rel=1e-12)
+        assert row["optimizer"] == pytest.approx(variant["optimizer_s"] / base["optimizer_s"], rel=1e-12)
+        assert row["tokens_per_second"] == pytest.approx(
+            variant["tokens_per_second"] / base["tokens_per_second"], rel=1e-12
+        )
+        assert row["peak_memory"] == pytest.approx(
+            variant["memory"]["peak_bytes"] / base["memory"]["peak_bytes"], rel=1e-12
+        )
+        assert row["p2p_bytes"] is None  # no pipeline: nothing crosses a boundary
+    assert all(value == 1.0 for key, value in report["ratios"]["none"].items() if key != "p2p_bytes")
+
+
+def test_memory_accounting_on_cpu(cpu_run):
+    _, report = cpu_run
+    variants = by_name(report)
+    attn_res = (2 * LAYERS + 1) * 2 * HIDDEN  # one (query, gain) pair per sublayer plus the final mix
+    assert variants["none"]["attn_res_parameters"] == 0
+    for name in ("block", "full"):
+        assert variants[name]["attn_res_parameters"] == attn_res
+        assert variants[name]["parameters"] - variants["none"]["parameters"] == attn_res
+    for variant in report["variants"]:
+        memory, params = variant["memory"], variant["parameters"]
+        assert memory["method"] == "static-plus-saved-activations"
+        assert memory["peak_bytes"] >= memory["parameter_bytes"] >= FP32 * params
+        assert memory["gradient_bytes"] >= FP32 * params  # fp32 main_grad buffers
+        assert memory["optimizer_state_bytes"] >= 2 * FP32 * params  # Adam moments
+        assert memory["peak_saved_activation_bytes"] > 0
+        assert memory["peak_bytes"] == (
+            memory["parameter_bytes"]
+            + memory["gradient_bytes"]
+            + memory["optimizer_state_bytes"]
+            + memory["peak_saved_activation_bytes"]
+        )
+
+
+def test_aggregation_hooks_count_every_mix(cpu_run):
+    _, report = cpu_run
+    micro_batches = report["model"]["num_micro_batches"]
+    assert micro_batches == 4 // MICRO_BATCH
+    variants = by_name(report)
+    assert variants["none"]["aggregation"]["calls_per_step"] == 0
+    for name in ("block", "full"):
+        assert variants[name]["aggregation"]["calls_per_step"] == (2 * LAYERS + 1) * micro_batches
+        assert 0 < variants[name]["aggregation"]["share_of_forward"] < 1
+
+
+# ------------------------------------------------------------------------- pipeline run
+
+
+def test_pipeline_bytes_equal_the_sources_the_next_stage_needs(pp_report):
+    # 4 layers on 2 stages: stage 1 starts at sublayer 4. Block S=3: b0, block 1 (sublayers 0-2)
+    # and the partial sum (sublayer 3) -> 3 tensors; Full: b0, o0, o1, o2 and the partial o3 -> 5;
+    # standard residuals: 1 hidden state. Each tensor is [s, b, h] in fp32.
+    tensor = SEQ * MICRO_BATCH * HIDDEN * FP32
+    micro_batches = 8 // MICRO_BATCH
+    variants = by_name(pp_report)
+    for name, sources in (("none", 1), ("block", 3), ("full", 5)):
+        (row,) = variants[name]["pipeline"]["boundaries"]
+        assert row["boundary"] == "0->1" and row["sources"] == sources
+        assert row["bytes_from"] == ("hidden-state-shape" if name == "none" else "ledger")
+        per_micro_batch = sources * tensor
+        per_step = per_micro_batch * micro_batches
+        assert (
+            row["forward_bytes_per_micro_batch"] == row["backward_bytes_per_micro_batch"] == per_micro_batch
+        )
+        assert row["forward_bytes_per_step"] == row["backward_bytes_per_step"] == per_step
+        assert variants[name]["pipeline"]["p2p_bytes_per_step"] == 2 * per_step
+        assert row["sender_p2p_s"] is not None and row["receiver_p2p_s"] is not None
+    assert pp_report["ratios"]["block"]["p2p_bytes"] == 3.0
+    assert pp_report["ratios"]["full"]["p2p_bytes"] == 5.0
+    assert report_errors(pp_report, use_jsonschema=False) == []
+
+
+def test_pipeline_stages_are_reported_per_rank(pp_report):
+    assert pp_report["parallel"]["pipeline"] == 2 and pp_report["parallel"]["world_size"] == 2
+    micro_batches = 8 // MICRO_BATCH
+    for variant in pp_report["variants"]:
+        stages = variant["stages"]
+        assert [stage["pp_rank"] for stage in stages] == [0, 1]
+        compute = [stage["compute_s"] for stage in stages]
+        assert variant["stage_imbalance"] == pytest.approx(max(compute) / (sum(compute) / 2), rel=1e-12)
+        assert variant["bottleneck_stage"] == compute.index(max(compute))
+        for stage in stages:
+            assert stage["compute_s"] == pytest.approx(stage["forward_s"] + stage["backward_s"], rel=1e-12)
+            assert stage["peak_memory_bytes"] > 0
+        assert max(stage["peak_memory_bytes"] for stage in stages) == variant["memory"]["peak_bytes"]
+        for step in variant["steps"]:
+            parts = step["forward_s"] + step["backward_s"] + step["optimizer_s"]
+            assert step["other_s"] == pytest.approx(step["step_s"] - parts, abs=1e-12)
+            assert step["other_s"] >= 0
+        if variant["name"] != "none":
+            # 4 layers x 2 sublayers plus the final mix, split over the stages, per micro-batch
+            calls = [stage["aggregation_calls_per_step"] for stage in stages]
+            assert calls == [4 * micro_batches, 5 * micro_batches]
+
+
+# ------------------------------------------------------------------------------- FP8
+
+
+def fp8_args(**overrides) -> argparse.Namespace:
+    fields = dict(
+        bf16=False, fp8_format="hybrid", fp8_recipe="delayed", transformer_impl="auto", fallback_bf16=False
+    )
+    fields.update(overrides)
+    return argparse.Namespace(**fields)
+
+
+def test_fp8_without_transformer_engine_names_what_is_missing_and_the_fallback():
+    with pytest.raises(SystemExit) as error:
+        precision.resolve_precision(fp8_args(), "cpu")
+    message = str(error.value)
+    assert "Transformer Engine is not installed" in message
+    assert "GPU" in message and "--fallback-bf16" in message
+
+
+def test_fp8_with_transformer_engine_but_no_gpu_names_only_the_gpu(monkeypatch):
+    monkeypatch.setattr(precision, "transformer_engine_available", lambda: True)
+    with pytest.raises(SystemExit) as error:
+        precision.resolve_precision(fp8_args(), "cpu")
+    message = str(error.value)
+    assert "not installed" not in message and "no CUDA GPU" in message and "--fallback-bf16" in message
+
+
+def test_fp8_fallback_plan_records_requested_and_used():
+    args = fp8_args(fallback_bf16=True, fp8_format="e4m3", fp8_recipe="tensorwise")
+    plan = precision.resolve_precision(args, "cpu")
+    assert args.bf16 is True
+    assert (plan.requested, plan.used) == ("fp8-e4m3/tensorwise", "bf16")
+    assert plan.config_fields() == {} and "Transformer Engine" in plan.fallback_reason
+    assert plan.attn_res_statistics_dtype == "float32"
+
+
+def test_fp8_cli_refuses_without_transformer_engine(tmp_path):
+    result = profile(tmp_path, *TINY, "--fp8-format", "hybrid")
+    assert result.returncode != 0
+    assert "Transformer Engine" in result.stderr and "--fallback-bf16" in result.stderr
+    assert not (tmp_path / "profile.json").exists()
+
+
+def test_fp8_cli_falls_back_to_bf16(tmp_path):
+    result = profile(
+        tmp_path,
+        *TINY,
+        "--global-batch-size",
+        "2",
+        "--fp8-format",
+        "hybrid",
+        "--fallback-bf16",
+        "--variants",
+        "none",
+        "block",
+        "--warmup-steps",
+        "0",
+        "--timed-steps",
+        "1",
+        "--no-plots",
+    )
+    report = load_report(tmp_path, result)
+    validate_report(report)
+    assert report["precision"]["requested"] == "fp8-hybrid/delayed"
+    assert report["precision"]["used"] == "bf16" and report["precision"]["fp8_format"] is None
+    assert "Transformer Engine" in report["precision"]["fallback_reason"]
+    for variant in report["variants"]:
+        assert variant["memory"]["parameter_bytes"] >= 2 * variant["parameters"]  # bf16 weights
+        assert variant["losses"] and all(loss == loss for loss in variant["losses"])
+
+
+# ------------------------------------------------------------------------- building blocks
+
+
+def test_saved_activation_tracker_counts_unique_storages_until_backward():
+    class SaveThree(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b, a[:10])  # a view of a: the same storage
+            return a * b
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, _ = ctx.saved_tensors
+            return grad * b, grad * a
+
+    weight = torch.nn.Parameter(torch.randn(100))
+    x = torch.randn(100, requires_grad=True)
+    tracker = SavedActivationTracker(exclude={storage_key(weight)})
+    with tracker.track():
+        y = SaveThree.apply(x, weight)  # weight is excluded; x counts once
+        z = SaveThree.apply(y, y)  # y saved twice: counts once
+    assert tracker.peak == tracker.current == 2 * 100 * FP32
+    z.sum().backward()
+    del y, z
+    assert tracker.current == 0 and tracker.peak == 2 * 100 * FP32
+
+
+def test_schedule_timers_sum_megatron_intervals():
+    class FakeClock:
+        def __init__(self):
+            self.t = 0.0
+
+        def now(self):
+            self.t += 1.0
+            return self.t
+
+    timers = ScheduleTimers(FakeClock())
+    for _ in range(3):
+        timers("forward-compute", log_level=2).start()
+        timers("forward-compute").stop()
+    timers("forward-send", log_level=2).start(barrier=True)
+    timers("forward-send").stop(barrier=True)
+    timers("backward-recv").start()
+    timers("backward-recv").stop()
+    assert timers.seconds("forward-compute") == 3.0
+    assert timers.seconds(*P2P_TIMERS) == 2.0
+    assert timers.seconds("never-ran") == 0.0
+    timers.reset()
+    assert timers.totals() == {"backward-recv": 0.0, "forward-compute": 0.0, "forward-send": 0.0}
+    with pytest.raises(RuntimeError):
+        timers("forward-compute").stop()
+
+
+def test_variant_args_choose_block_sizes():
+    args = argparse.Namespace(
+        model="gpt",
+        num_layers=12,
+        attention_residuals=None,
+        attn_res_block_size=None,
+        attn_res_layers_per_block=None,
+        attn_res_num_blocks=None,
+    )
+    block = variant_args(args, "block")
+    assert (block.attention_residuals, block.attn_res_num_blocks) == ("block", 8)
+    given = argparse.Namespace(**{**vars(args), "attn_res_layers_per_block": 3})
+    assert variant_args(given, "block").attn_res_layers_per_block == 3
+    full = variant_args(given, "full")
+    assert full.attention_residuals == "full" and full.attn_res_layers_per_block is None
+    assert variant_args(given, "none").attn_res_layers_per_block is None
+    kimi = argparse.Namespace(**{**vars(args), "model": "kimi-linear-tiny"})
+    assert variant_args(kimi, "block").attention_residuals is None  # the preset's own S
+
+
+def test_compute_ratios_divides_by_the_baseline():
+    def variant(name, step, peak, p2p):
+        return {
+            "name": name,
+            "step_time_s": step,
+            "forward_s": step / 2,
+            "backward_s": step / 4,
+            "optimizer_s": step / 8,
+            "tokens_per_second": 100 / step,
+            "memory": {"peak_bytes": peak},
+            "pipeline": {"p2p_bytes_per_step": p2p},
+        }
+
+    ratios = compute_ratios([variant("none", 2.0, 10, 0), variant("block", 3.0, 15, 4)])
+    assert set(ratios["block"]) == set(RATIO_METRICS)
+    assert ratios["block"]["step_time"] == 1.5
+    assert ratios["block"]["tokens_per_second"] == pytest.approx(2.0 / 3.0, rel=1e-12)
+    assert ratios["block"]["peak_memory"] == 1.5 and ratios["block"]["p2p_bytes"] is None
+    assert compute_ratios([variant("block", 3.0, 15, 4)]) == {}
