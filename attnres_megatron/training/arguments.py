@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         metavar="{none,default,FLOAT}",
         help="Weight decay of the AttnRes vectors (pseudo-queries, key gains): none, default "
-        "(--weight-decay, like the weight matrices) or this coefficient (a multiple of "
-        "--weight-decay, which must then be > 0).",
+        "(--weight-decay, like the weight matrices) or this coefficient (applied as Megatron's "
+        "wd_mult relative to --weight-decay, which must then be > 0).",
     )
     train.add_argument("--clip-grad", type=float, default=1.0)
     train.add_argument("--adam-beta1", type=float, default=0.9)
