@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Training-step time of the dense proxy: baseline vs Block (N blocks) vs Full AttnRes, one run.
+
+Every variant is built once; steps (forward, loss, backward, AdamW update) then run
+round-robin over the variants, so slow drifts of a shared machine hit all of them alike.
+Reported: the median step time per variant and its ratio to the baseline's median, and the
+forward+backward share of it. AttnRes variants run with each ``--impls`` aggregation (fused
+only on CUDA).
+
+Example::
+
+    python tools/bench_step.py --output step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from proxy_model import (
+    ProxyShape,
+    build_proxy,
+    init_single_process,
+    median,
+    proxy_batch,
+    proxy_config,
+    write_json,
+)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(model: torch.nn.Module, batch, device: str) -> Callable[[], tuple[float, float]]:
+    """One training step; returns (seconds for forward+backward, seconds in total)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    tokens, positions, labels = batch
+
+    def step() -> tuple[float, float]:
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(tokens, positions, None, labels=labels).float().mean()
+        loss.backward()
+        synchronize(device)
+        backward_done = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        return backward_done - start, time.perf_counter() - start
+
+    return step
+
+
+def variants(impls: list[str]) -> list[tuple[str, str]]:
+    return [("baseline", "torch")] + [(kind, impl) for kind in ("block", "full") for impl in impls]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | impl | step median (ms) | fwd+bwd median (ms) | step / baseline |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        impl = row["impl"] if row["variant"] != "baseline" else "-"
+        lines.append(
+            f"| {row['variant']} | {impl} | {row['step_ms']:.1f} | {row['fwd_bwd_ms']:.1f} | "
+            f"{row['ratio_to_baseline']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--blocks", type=int, default=8, help="N for the Block variant")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--impls", nargs="+", default=None, help="aggregations (default: torch two-phase, +fused on CUDA)"
+    )
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="write the results as JSON to this path")
+    args = parser.parse_args(argv)
+
+    impls = args.impls or (["torch", "two-phase"] + (["fused"] if args.device.startswith("cuda") else []))
+    shape = ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
+    init_single_process(args.device)
+    batch = proxy_batch(shape, args.device)
+    steps = {}
+    for variant, impl in variants(impls):
+        config = proxy_config(variant, shape, impl=impl, dtype=args.dtype)
+        steps[variant, impl] = make_step(build_proxy(config, shape, args.device), batch, args.device)
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in steps}
+    for index in range(args.warmup + args.steps):
+        for key, step in steps.items():
+            timing = step()
+            if index >= args.warmup:
+                samples[key].append(timing)
+        print(f"round {index + 1}/{args.warmup + args.steps}", flush=True)
+
+    baseline = median([total for _, total in samples["baseline", "torch"]])
+    rows = []
+    for (variant, impl), timings in samples.items():
+        step_ms = median([total for _, total in timings]) * 1e3
+        rows.append(
+            {
+                "variant": variant,
+                "impl": impl,
+                "step_ms": step_ms,
+                "fwd_bwd_ms": median([fb for fb, _ in timings]) * 1e3,
+                "ratio_to_baseline": step_ms / (baseline * 1e3),
+                "samples_ms": [total * 1e3 for _, total in timings],
+            }
+        )
+    device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
+    result = {
+        "meta": {
+            "shape": vars(args) | {"impls": impls},
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "rows": rows,
+    }
+    print()
+    print(markdown(rows))
+    write_json(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
