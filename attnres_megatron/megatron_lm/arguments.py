@@ -1,0 +1,148 @@
+"""The plugin's flags in Megatron-LM's argument parser (the same definitions as ``attnres-pretrain``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from attnres_megatron.config import resolve_sublayers_per_block
+from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
+from attnres_megatron.training.arguments import add_attn_res_args, add_model_arg
+
+ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+# Megatron-LM options the AttnRes model provider cannot honour: (namespace attribute, flag).
+UNSUPPORTED_WITH_ATTN_RES = (
+    ("use_legacy_models", "--use-legacy-models"),
+    ("spec", "--spec"),
+    ("yaml_cfg", "--yaml-cfg"),
+    ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"),
+    ("experimental_attention_variant", "--experimental-attention-variant"),
+    ("mtp_num_layers", "--mtp-num-layers"),
+)
+
+# GPTModel options of Megatron-LM that the plugin's GPT builder keeps at their defaults.
+GPT_DEFAULTS = (
+    ("rotary_percent", "--rotary-percent", 1.0),
+    ("rotary_base", "--rotary-base", 10000),
+    ("use_rope_scaling", "--use-rope-scaling", False),
+    ("fp16_lm_cross_entropy", "--fp16-lm-cross-entropy", False),
+)
+
+# Megatron-LM flags that must agree with a Kimi Linear preset (Megatron-LM's own pipeline
+# split, FLOP count and MoE logging read them): (namespace attribute, flag, preset field).
+KIMI_SHAPE_FLAGS = (
+    ("num_layers", "--num-layers", "num_layers"),
+    ("hidden_size", "--hidden-size", "hidden_size"),
+    ("num_attention_heads", "--num-attention-heads", "num_attention_heads"),
+    ("num_experts", "--num-experts", "num_moe_experts"),
+)
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the AttnRes flags and ``--model`` to Megatron-LM's parser; they are checked after parsing."""
+    add_attn_res_args(parser)
+    add_model_arg(parser.add_argument_group("attention residuals: model family"))
+    _check_after_parsing(parser)
+    return parser
+
+
+def chain_args_providers(*providers: Optional[ArgsProvider]) -> ArgsProvider:
+    """One ``extra_args_provider`` calling each given provider in turn (``None`` entries skipped)."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for each in providers:
+            if each is not None:
+                parser = each(parser)
+        return parser
+
+    return provider
+
+
+def _check_after_parsing(parser: argparse.ArgumentParser) -> None:
+    """Validate the AttnRes flags when Megatron-LM parses (argparse has no post-parse hook)."""
+    parse_known_args = parser.parse_known_args
+
+    def checked(args: Optional[Sequence[str]] = None, namespace: Any = None):
+        parsed, extras = parse_known_args(args, namespace)
+        try:
+            validate_attn_res_args(parsed)
+        except ValueError as error:
+            parser.error(str(error))
+        return parsed, extras
+
+    parser.parse_known_args = checked
+
+
+def attnres_requested(args: argparse.Namespace) -> bool:
+    """Whether the AttnRes model provider should build the model (AttnRes on, or a Kimi preset)."""
+    return getattr(args, "model", "gpt") != "gpt" or getattr(args, "attention_residuals", None) not in (
+        None,
+        "none",
+    )
+
+
+def resolved_attn_res_mode(args: argparse.Namespace) -> str:
+    """The depth-mixing mode these arguments select (a Kimi preset's own when not given)."""
+    if args.attention_residuals is not None:
+        return args.attention_residuals
+    return KIMI_PRESETS.get(args.model, {}).get("attention_residuals", "none")
+
+
+def validate_attn_res_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the flag when the AttnRes flags are invalid or clash with Megatron-LM's."""
+    preset = KIMI_PRESETS.get(args.model)
+    num_layers = preset["num_layers"] if preset else getattr(args, "num_layers", None)
+    options = (args.attn_res_block_size, args.attn_res_layers_per_block, args.attn_res_num_blocks)
+    if preset is not None and args.attention_residuals is None:
+        if any(option is not None for option in options):
+            raise ValueError(
+                f"a block-size flag with --model {args.model} needs --attention-residuals block "
+                "(without both the preset's own block size is used)."
+            )
+    else:
+        resolve_sublayers_per_block(resolved_attn_res_mode(args), num_layers or 1 << 30, *options)
+    if not args.attn_res_eps > 0:
+        raise ValueError(f"--attn-res-eps must be > 0; got {args.attn_res_eps}.")
+    if not attnres_requested(args):
+        return
+    for name, flag in UNSUPPORTED_WITH_ATTN_RES:
+        if getattr(args, name, None):
+            raise ValueError(
+                f"{flag} is not supported by the AttnRes model provider; drop it, or run without "
+                "--attention-residuals / --model."
+            )
+    if getattr(args, "transformer_impl", "local") not in ("local", "transformer_engine"):
+        raise ValueError(
+            f"--transformer-impl {args.transformer_impl} is not supported with AttnRes; use "
+            "transformer_engine or local."
+        )
+    if preset is None:
+        for name, flag, default in GPT_DEFAULTS:
+            if getattr(args, name, default) != default:
+                raise ValueError(
+                    f"{flag} {getattr(args, name)} is not supported by the AttnRes GPT builder yet; "
+                    f"keep the default ({default})."
+                )
+        return
+    _check_kimi_flags(args, preset)
+
+
+def _check_kimi_flags(args: argparse.Namespace, preset: dict) -> None:
+    """Megatron-LM's model flags must describe the Kimi Linear preset."""
+    for name, flag, field in KIMI_SHAPE_FLAGS:
+        given, wanted = getattr(args, name, None), preset.get(field)
+        if given is not None and given != wanted:
+            raise ValueError(
+                f"--model {args.model} has {field} = {wanted}; pass {flag} {wanted} "
+                f"(got {given}): Megatron-LM splits pipeline stages and counts FLOPs from it."
+            )
+    if not getattr(args, "untie_embeddings_and_output_weights", True):
+        raise ValueError(
+            f"--model {args.model} has untied embeddings; pass --untie-embeddings-and-output-weights."
+        )
+    if getattr(args, "position_embedding_type", "none") != "none":
+        raise ValueError(
+            f"--model {args.model} has no position embedding (NoPE); pass --position-embedding-type none."
+        )

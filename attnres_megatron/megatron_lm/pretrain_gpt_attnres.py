@@ -1,0 +1,91 @@
+"""Megatron-LM's ``pretrain_gpt.py`` with the AttnRes providers, without patching Megatron-LM.
+
+Takes ``pretrain_gpt.py``'s arguments plus the plugin's flags; Megatron-LM's dataset
+provider, forward step and embedding ranks come from its ``pretrain_gpt.py``::
+
+    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH      # or MEGATRON_LM_DIR=/path/to/Megatron-LM
+    torchrun --nproc-per-node 8 -m attnres_megatron.megatron_lm.pretrain_gpt_attnres \\
+        <pretrain_gpt.py arguments> --attention-residuals block --attn-res-num-blocks 8
+
+Without ``--attention-residuals`` (or with ``none``) and ``--model gpt`` the run is
+Megatron-LM's own: its model provider builds the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from functools import partial
+from types import ModuleType
+
+from attnres_megatron.megatron_lm.arguments import chain_args_providers, extra_args_provider
+from attnres_megatron.megatron_lm.provider import (
+    MEGATRON_LM_MISSING,
+    MegatronLMNotFoundError,
+    model_provider_or,
+)
+
+SUPPORTED_MEGATRON_LM = (0, 16)
+_SCRIPT_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
+
+
+def check_megatron_lm_version() -> None:
+    """Refuse a Megatron-LM checkout other than core_r0.16 (its ``megatron/core/package_info.py``)."""
+    from megatron.core import package_info
+
+    found = (int(package_info.MAJOR), int(package_info.MINOR))
+    if found != SUPPORTED_MEGATRON_LM:
+        raise MegatronLMNotFoundError(
+            f"Megatron-LM {package_info.__version__} found ({package_info.__file__}); the AttnRes "
+            "providers support core_r0.16 (megatron-core 0.16.x). Check out core_r0.16.0."
+        )
+
+
+def load_pretrain_gpt() -> ModuleType:
+    """Megatron-LM's ``pretrain_gpt`` module, from ``PYTHONPATH`` or ``$MEGATRON_LM_DIR``."""
+    root = os.environ.get("MEGATRON_LM_DIR")
+    if root and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        importlib.import_module("megatron.training")
+    except ImportError as error:
+        raise MegatronLMNotFoundError(MEGATRON_LM_MISSING) from error
+    check_megatron_lm_version()
+    try:
+        return importlib.import_module("pretrain_gpt")
+    except ModuleNotFoundError as error:
+        if error.name not in _SCRIPT_MODULES:
+            raise
+        raise MegatronLMNotFoundError(
+            f"Megatron-LM's {error.name}.py is not importable: put the root of the Megatron-LM "
+            "checkout (the directory holding pretrain_gpt.py) on PYTHONPATH, or set MEGATRON_LM_DIR."
+        ) from error
+
+
+def main() -> None:
+    """Run Megatron-LM's GPT pretraining with the AttnRes argument and model providers."""
+    try:
+        lm = load_pretrain_gpt()
+    except MegatronLMNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart, pretrain
+
+    lm.train_valid_test_datasets_provider.is_distributed = True
+    pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    modelopt_args = lm.add_modelopt_args if getattr(lm, "has_nvidia_modelopt", False) else None
+    pretrain(
+        lm.train_valid_test_datasets_provider,
+        model_provider_or(partial(lm.model_provider, lm.gpt_builder)),
+        ModelType.encoder_or_decoder,
+        lm.forward_step,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        extra_args_provider=chain_args_providers(extra_args_provider, modelopt_args),
+        store=store,
+        get_embedding_ranks=lm.get_embedding_ranks,
+    )
+
+
+if __name__ == "__main__":
+    main()
