@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from attnres_megatron.profiling import precision
+from attnres_megatron.profiling import nvtx, precision
 from attnres_megatron.profiling.memory import SavedActivationTracker, storage_key
 from attnres_megatron.profiling.report import RATIO_METRICS, compute_ratios
 from attnres_megatron.profiling.schema import ReportValidationError, report_errors, validate_report
-from attnres_megatron.profiling.timers import P2P_TIMERS, ScheduleTimers
+from attnres_megatron.profiling.timers import P2P_TIMERS, ScheduleTimers, Stopwatch
 from attnres_megatron.profiling.variants import variant_args
 
 LAYERS, HIDDEN, SEQ, MICRO_BATCH = 2, 64, 32, 2
@@ -228,6 +228,7 @@ def test_pipeline_bytes_equal_the_sources_the_next_stage_needs(pp_report):
 
 def test_pipeline_stages_are_reported_per_rank(pp_report):
     assert pp_report["parallel"]["pipeline"] == 2 and pp_report["parallel"]["world_size"] == 2
+    assert pp_report["parallel"]["launcher"] == "attnres-profile workers"
     micro_batches = 8 // MICRO_BATCH
     for variant in pp_report["variants"]:
         stages = variant["stages"]
@@ -412,3 +413,43 @@ def test_compute_ratios_divides_by_the_baseline():
     assert ratios["block"]["tokens_per_second"] == pytest.approx(2.0 / 3.0, rel=1e-12)
     assert ratios["block"]["peak_memory"] == 1.5 and ratios["block"]["p2p_bytes"] is None
     assert compute_ratios([variant("block", 3.0, 15, 4)]) == {}
+
+
+def test_nvtx_helpers_do_nothing_without_cuda(monkeypatch):
+    def refuse(*_):
+        raise AssertionError("NVTX called on a machine without CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", refuse)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", refuse)
+    with nvtx.nvtx_range("attnres-profile/step"):
+        pass
+
+
+def test_aggregation_probe_marks_each_call_and_detaches(monkeypatch):
+    from attnres_megatron.config import AttnResTransformerConfig
+    from attnres_megatron.layers.depth_attention import DepthAttention
+
+    config = AttnResTransformerConfig(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        attention_residuals="full",
+    )
+    module = DepthAttention(config)
+    events = []
+    monkeypatch.setattr(nvtx, "nvtx_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: events.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(("pop",)))
+    modules = nvtx.depth_attention_modules([torch.nn.ModuleDict({"mix": module})])
+    probe = nvtx.AggregationProbe(modules, Stopwatch("cpu")).attach()
+    probe.reset(timing=True)
+    sources = [torch.randn(4, 1, 8) for _ in range(3)]
+    out = module(sources)
+    assert events == [("push", "attnres.aggregate:chunk0.mix"), ("pop",)]
+    assert probe.calls == 1 and probe.seconds > 0
+    torch.testing.assert_close(out, torch.stack(sources).mean(0))  # zero queries: the mean
+    probe.detach()
+    module(sources)
+    assert probe.calls == 1 and len(events) == 2

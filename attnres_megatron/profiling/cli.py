@@ -33,9 +33,10 @@ def write_outputs(report: dict[str, Any], directory: Path, plots: bool = True) -
 
 
 def _summary(report: dict[str, Any]) -> str:
+    precision = report["precision"]
     lines = [
-        f"> attnres-profile: precision {report['precision']['used']} "
-        f"(requested {report['precision']['requested']})"
+        f"> attnres-profile: precision {precision['used']} (requested {precision['requested']})"
+        + (f"; fallback because {precision['fallback_reason']}" if precision["fallback_reason"] else "")
     ]
     for variant in report["variants"]:
         ratio = report["ratios"].get(variant["name"], {}).get("step_time")

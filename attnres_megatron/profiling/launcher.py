@@ -9,6 +9,7 @@ import sys
 import time
 
 LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "SLURM_")
+SPAWNED_MARKER = "ATTNRES_PROFILE_LOCAL_WORKERS"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -33,6 +34,7 @@ def worker_env(rank: int, world_size: int, port: int, device: str) -> dict[str, 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    env[SPAWNED_MARKER] = "1"
     if device != "cuda" and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
     return env

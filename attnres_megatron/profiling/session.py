@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Optional
 
 import torch
 
+from attnres_megatron.profiling.launcher import SPAWNED_MARKER
 from attnres_megatron.profiling.precision import resolve_precision
 from attnres_megatron.profiling.report import build_report
 from attnres_megatron.profiling.runner import profile_variant
@@ -47,6 +49,7 @@ def run_profile(args: argparse.Namespace, argv: Optional[list[str]] = None) -> O
             gathered.append(everyone)
         if torch.distributed.get_rank() != 0:
             return None
-        return build_report(args, plan, device, gathered, launch.launcher, argv)
+        launcher = "attnres-profile workers" if os.environ.get(SPAWNED_MARKER) else launch.launcher
+        return build_report(args, plan, device, gathered, launcher, argv)
     finally:
         shutdown_parallel()
