@@ -107,6 +107,7 @@ def megatron_lm_parser() -> argparse.ArgumentParser:
     add("--moe-router-score-function", choices=("softmax", "sigmoid"), default="softmax")
     add("--moe-token-dispatcher-type", choices=("allgather", "alltoall", "flex"), default="allgather")
     add("--spec", nargs="*", default=None)
+    add("--recompute-modules", nargs="*", default=None)
     for flag in (
         "--swiglu",
         "--group-query-attention",

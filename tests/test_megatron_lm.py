@@ -131,6 +131,7 @@ def test_every_plugin_flag_is_accepted():
         ("--attention-residuals full --rotary-base 500000", "--rotary-base 500000 is not supported"),
         ("--attention-residuals full --transformer-impl inference_optimized", "not supported with AttnRes"),
         ("--model kimi-linear-9b", "invalid choice"),
+        ("--recompute-modules attn_res core_attn", "--recompute-modules attn_res is not available"),
     ],
 )
 def test_bad_values_are_refused_when_parsing(argv, message, capsys):

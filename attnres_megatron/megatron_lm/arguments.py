@@ -105,6 +105,11 @@ def validate_attn_res_args(args: argparse.Namespace) -> None:
         resolve_sublayers_per_block(resolved_attn_res_mode(args), num_layers or 1 << 30, *options)
     if not args.attn_res_eps > 0:
         raise ValueError(f"--attn-res-eps must be > 0; got {args.attn_res_eps}.")
+    if "attn_res" in (getattr(args, "recompute_modules", None) or ()):
+        raise ValueError(
+            "--recompute-modules attn_res is not available under Megatron-LM, which checks the modules "
+            "against its own list; use Megatron's modules (core_attn, layernorm, moe_act, ...)."
+        )
     if not attnres_requested(args):
         return
     for name, flag in UNSUPPORTED_WITH_ATTN_RES:
