@@ -93,6 +93,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--output", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
 
+    # Subnormal floats make CPU arithmetic erratically slow (seconds per step in whichever
+    # variant happens to produce them early on); GPUs flush them in these kernels anyway.
+    torch.set_flush_denormal(True)
     impls = args.impls or (["torch", "two-phase"] + (["fused"] if args.device.startswith("cuda") else []))
     shape = ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
     init_single_process(args.device)
