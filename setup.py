@@ -28,9 +28,10 @@ setup(
         "mpi": ["mpi4py"],
         "tensorboard": ["tensorboard", "matplotlib"],
         "triton": ["triton"],
+        "cpu-kernels": ["ninja"],  # builds the fused C++ CPU kernels on first use
         "fla": ["flash-linear-attention"],
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
-        "test": ["pytest", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton", "tqdm"],
+        "test": ["pytest", "ninja", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton", "tqdm"],
     },
     entry_points={
         "console_scripts": [

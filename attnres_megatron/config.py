@@ -167,9 +167,12 @@ class AttnResTransformerConfig(TransformerConfig):
 
     def _validate_attn_res_impl(self) -> None:
         if self.attn_res_impl == "fused":
+            import torch
+
             from attnres_megatron.ops.triton_aggregate import MAX_SOURCES, require_triton
 
-            require_triton()
+            if torch.cuda.is_available():  # CPU tensors use the C++ kernels instead
+                require_triton()
             sources = self.attn_res_num_sources_at_output()
             if sources > MAX_SOURCES:
                 raise ValueError(

@@ -103,6 +103,8 @@ def test_full_recompute_is_accepted():
 def test_fused_without_triton_names_the_install(monkeypatch):
     import builtins
 
+    from attnres_megatron.ops.triton_aggregate import require_triton
+
     real_import = builtins.__import__
 
     def no_triton(name, *args, **kwargs):
@@ -112,4 +114,10 @@ def test_fused_without_triton_names_the_install(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_triton)
     with pytest.raises(ImportError, match=r"attnres-megatron\[triton\]"):
+        require_triton()
+    # Where CUDA exists the config asks for Triton up front; CPU tensors use C++ kernels.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ImportError, match=r"attnres-megatron\[triton\]"):
         config(attention_residuals="full", attn_res_impl="fused")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert config(attention_residuals="full", attn_res_impl="fused").attn_res_impl == "fused"

@@ -143,3 +143,10 @@ def test_attn_res_recompute_saves_no_more_than_standard_residuals(reseed):
     for layer, nbytes in recomputed.layers().items():
         assert nbytes <= baseline.layers()[layer], layer
     assert recomputed.per_owner[OUTSIDE_LAYERS] > 0
+
+
+@pytest.mark.parametrize("mode", ["none", "selective_attn_res", "full_uniform_1"])
+def test_fused_cpu_kernels_match_reference_fp64(reseed, monkeypatch, mode):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the C++ kernels
+    plain = loss_and_grads(reseed, **BLOCK, attn_res_impl="reference")
+    assert_same(loss_and_grads(reseed, **BLOCK, attn_res_impl="fused", **RECOMPUTE_MODES[mode]), plain, 1e-12)

@@ -7,8 +7,8 @@ Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
 * ``reference``: :func:`attnres_megatron.ops.aggregate_reference` (plain autograd);
 * ``two_phase``: one block of ``S`` sublayers via :class:`TwoPhaseBlockAggregator` with
   ``n - 1`` completed blocks plus a partial per sublayer (``n`` sources each), cost / ``S``;
-* ``fused``: :func:`attnres_megatron.ops.triton_aggregate.aggregate_fused`, CUDA only (the
-  Triton interpreter on CPU is a correctness path, not a performance one).
+* ``fused``: :func:`attnres_megatron.ops.triton_aggregate.aggregate_fused`: the Triton kernels
+  on CUDA, the C++ kernels of ``attnres_megatron.ops.cpu_fused`` on CPU.
 
 It also reports a memory-traffic lower bound: forward moves ``n`` source reads + 1 output
 write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -112,9 +113,17 @@ def two_phase_block(
 
 
 def fused_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernel can be timed here, with the reason if not."""
+    """Whether the fused kernels (Triton on CUDA, C++ on CPU) can be timed here, and why not."""
     if device.type != "cuda":
-        return False, "fused Triton kernel skipped: no CUDA device (the CPU interpreter is not a perf path)"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return False, "fused kernels skipped: TRITON_INTERPRET=1 routes CPU tensors to the interpreter"
+        try:
+            from attnres_megatron.ops.cpu_fused import _extension
+
+            _extension()
+        except RuntimeError as exc:
+            return False, f"fused C++ kernels skipped: {exc}"
+        return True, ""
     try:
         from attnres_megatron.ops.triton_aggregate import require_triton
 
@@ -122,6 +131,9 @@ def fused_available(device: torch.device) -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"fused Triton kernel skipped: {exc}"
     return True, ""
+
+
+BOUND_RATIOS = ("torch_ms", "two_phase_ms", "fused_ms")
 
 
 def fmt(value: Optional[float]) -> str:
@@ -135,15 +147,17 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"device {meta['device']}, "
         f"S={meta['sublayers']}, copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s.",
         "",
-        "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | fused Triton "
-        "| traffic bound | torch / bound |",
-        "|---|---|---|---|---|---|---|",
+        "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | fused "
+        "| traffic bound | torch / bound | two-phase / bound | fused / bound |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = r["torch_ms"] / r["bound_ms"] if r["bound_ms"] else None
+        ratios = [r[key] / r["bound_ms"] if r[key] is not None else None for key in BOUND_RATIOS]
         lines.append(
             f"| {r['n']} | {fmt(r['torch_ms'])} | {fmt(r['reference_ms'])} | {fmt(r['two_phase_ms'])} "
-            f"| {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | {fmt(ratio)}x |"
+            f"| {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | "
+            + " | ".join(f"{fmt(x)}x" for x in ratios)
+            + " |"
         )
     for note in meta["notes"]:
         lines.append(f"\nNote: {note}")

@@ -460,7 +460,10 @@ def triton_cdiv(a: int, b: int) -> int:
 def aggregate_fused(
     sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float, *, block_h: int | None = None
 ) -> Tensor:
-    """Fused Triton AttnRes aggregation of 1..16 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
+    """Fused AttnRes aggregation of 1..16 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
+
+    GPU tensors run the Triton kernels (CPU tensors too under ``TRITON_INTERPRET=1``, a test
+    mode); other CPU tensors run the C++ kernels of :mod:`attnres_megatron.ops.cpu_fused`.
 
     ``block_h`` overrides the hidden tile width (testing the two-pass path); by default the
     whole hidden row is one tile when ``next_pow2(h) <= MAX_SINGLE_TILE``.
@@ -469,10 +472,9 @@ def aggregate_fused(
         raise ValueError("AttnRes aggregation needs at least one source.")
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
-    require_triton()
     if not sources[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "--attn-res-impl fused runs its Triton kernels on GPU tensors; on CPU use "
-            "--attn-res-impl torch (or set TRITON_INTERPRET=1 before importing triton, a slow test mode)."
-        )
+        from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
+
+        return aggregate_cpu_fused(sources, query, gain, eps)
+    require_triton()
     return FusedAttnResAggregate.apply(query, gain, eps, block_h, *sources)

@@ -1,0 +1,54 @@
+"""The step-time, memory and op benchmarks run end to end on tiny shapes and report consistently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_pipeline_tools import load_tool
+
+TINY = ["--layers", "4", "--hidden", "32", "--heads", "4", "--seq", "16", "--blocks", "2"]
+
+
+@pytest.fixture
+def tools_path(monkeypatch):
+    from test_pipeline_tools import TOOLS
+
+    monkeypatch.syspath_prepend(str(TOOLS))  # the tools import their shared proxy module
+
+
+def test_bench_memory_reports_every_variant_and_the_target(single_rank, tools_path, tmp_path):
+    bench = load_tool("bench_memory")
+    result = bench.main([*TINY, "--output", str(tmp_path / "memory.json")])
+    assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(json.dumps(result))
+    rows = {(row["variant"], row["recompute"]): row for row in result["rows"]}
+    assert set(rows) == {(v, r) for v in ("baseline", "block", "full") for r in ("none", "selective", "full")}
+    for row in rows.values():
+        assert row["total_bytes"] == row["outside_layers_bytes"] + sum(row["per_layer_bytes"].values())
+    assert rows["block", "selective"]["total_bytes"] < rows["block", "none"]["total_bytes"]
+    target = result["target"]
+    assert target["block_boundaries"] == 1  # 8 sublayers in 2 blocks
+    assert target["met"] == (target["block_selective_bytes"] <= target["allowed_bytes"])
+
+
+def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
+    bench = load_tool("bench_step")
+    result = bench.main([*TINY, "--steps", "2", "--warmup", "1", "--impls", "torch"])
+    rows = {(row["variant"], row["impl"]): row for row in result["rows"]}
+    assert set(rows) == {("baseline", "torch"), ("block", "torch"), ("full", "torch")}
+    baseline = rows["baseline", "torch"]["step_ms"]
+    for row in rows.values():
+        assert len(row["samples_ms"]) == 2
+        assert row["ratio_to_baseline"] == pytest.approx(row["step_ms"] / baseline)
+        assert 0 < row["fwd_bwd_ms"] <= row["step_ms"]
+
+
+def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    bench = load_tool("bench_fast_ops")
+    result = bench.main(
+        ["--seq", "16", "--hidden", "32", "--sources", "2", "3", "--sublayers", "2", "--quick"]
+    )
+    for row in result["rows"]:
+        assert row["fused_ms"] is not None and row["fused_ms"] > 0
+        assert row["bytes_moved"] == (3 * row["n"] + 2) * 16 * 32 * 4
