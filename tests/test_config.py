@@ -52,7 +52,7 @@ INVALID = [
         ),
         "--attn-res-impl torch or fused",
     ),
-    (dict(attention_residuals="full", num_layers=8, attn_res_impl="fused"), "--attn-res-num-blocks"),
+    (dict(attention_residuals="full", num_layers=64, attn_res_impl="fused"), "--attn-res-num-blocks"),
     (
         dict(attention_residuals="full", apply_residual_connection_post_layernorm=True),
         "apply_residual_connection_post_layernorm",

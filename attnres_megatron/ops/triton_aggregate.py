@@ -52,8 +52,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-MAX_SOURCES = 16
-"""Largest number of sources one call accepts."""
+MAX_SOURCES = 128
+"""Largest number of sources one call accepts (the kernels loop over sources, unrolled or not
+as the compiler sees fit; the cap only bounds the per-call pointer tables)."""
 
 MAX_SINGLE_TILE = 8192
 """Largest ``next_pow2(h)`` handled by the single-read forward (full hidden row per program)."""
@@ -131,7 +132,7 @@ def _kernels() -> dict[str, Any]:
             col_mask = cols < hidden
             u = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
             acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-            for i in tl.static_range(N):
+            for i in range(N):
                 v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
                 r = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / hidden + eps)
                 logit = r * tl.sum(v * u[None, :], axis=1)
@@ -148,7 +149,7 @@ def _kernels() -> dict[str, Any]:
             tl.store(out_ptrs, out.to(ELT), mask=row_mask[:, None] & col_mask[None, :])
         else:
             # Pass 1: per-source stats over hidden tiles (one read per source).
-            for i in tl.static_range(N):
+            for i in range(N):
                 sq = tl.zeros([BLOCK_T], tl.float32)
                 dot = tl.zeros([BLOCK_T], tl.float32)
                 for h0 in range(0, hidden, BLOCK_H):
@@ -170,7 +171,7 @@ def _kernels() -> dict[str, Any]:
                 cols = h0 + tl.arange(0, BLOCK_H)
                 col_mask = cols < hidden
                 acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-                for i in tl.static_range(N):
+                for i in range(N):
                     logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                     w = tl.exp(logit - m) / d
                     v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
@@ -219,12 +220,12 @@ def _kernels() -> dict[str, Any]:
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
                 # Pass A: c = sum_i alpha_i (grad . v_i)  (first read of each source).
                 c = tl.zeros([BLOCK_T], tl.float32)
-                for i in tl.static_range(N):
+                for i in range(N):
                     v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
                     logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                     c += tl.exp(logit - lse) * tl.sum(g * v, axis=1)
                 # Pass B: source gradients (second read of each source).
-                for i in tl.static_range(N):
+                for i in range(N):
                     v = _load_tile(table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT)
                     logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                     r = tl.load(rinv_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
@@ -249,7 +250,7 @@ def _kernels() -> dict[str, Any]:
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
                 # Pass A: grad . v_i for every source, kept in the [N, T] fp32 scratch buffer.
                 c = tl.zeros([BLOCK_T], tl.float32)
-                for i in tl.static_range(N):
+                for i in range(N):
                     ga = tl.zeros([BLOCK_T], tl.float32)
                     for h0 in range(0, hidden, BLOCK_H):
                         cols = h0 + tl.arange(0, BLOCK_H)
@@ -276,7 +277,7 @@ def _kernels() -> dict[str, Any]:
                         tl.float32
                     )
                     du = tl.load(du_ptr + pid * hidden + cols, mask=col_mask, other=0.0)
-                    for i in tl.static_range(N):
+                    for i in range(N):
                         logit = tl.load(logit_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                         r = tl.load(rinv_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
                         ga = tl.load(galpha_ptr + i * n_tokens + rows, mask=row_mask, other=0.0)
@@ -460,7 +461,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def aggregate_fused(
     sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float, *, block_h: int | None = None
 ) -> Tensor:
-    """Fused AttnRes aggregation of 1..16 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
+    """Fused AttnRes aggregation of 1..128 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
 
     GPU tensors run the Triton kernels (CPU tensors too under ``TRITON_INTERPRET=1``, a test
     mode); other CPU tensors run the C++ kernels of :mod:`attnres_megatron.ops.cpu_fused`.
