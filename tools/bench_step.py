@@ -57,8 +57,8 @@ def make_step(model: torch.nn.Module, batch, device: str) -> Callable[[], tuple[
     return step
 
 
-def variants(impls: list[str]) -> list[tuple[str, str]]:
-    return [("baseline", "torch")] + [(kind, impl) for kind in ("block", "full") for impl in impls]
+def variants(impls: list[str], kinds: list[str]) -> list[tuple[str, str]]:
+    return [("baseline", "torch")] + [(kind, impl) for kind in kinds for impl in impls]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -87,6 +87,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument(
         "--impls", nargs="+", default=None, help="aggregations (default: torch two-phase, +fused on CUDA)"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("block", "full"),
+        default=["block", "full"],
+        help="besides the baseline",
+    )
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     init_single_process(args.device)
     batch = proxy_batch(shape, args.device)
     steps = {}
-    for variant, impl in variants(impls):
+    for variant, impl in variants(impls, args.variants):
         config = proxy_config(variant, shape, impl=impl, dtype=args.dtype)
         steps[variant, impl] = make_step(build_proxy(config, shape, args.device), batch, args.device)
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in steps}
