@@ -48,7 +48,7 @@ def run(launcher, tmp_path: Path, name: str, *args: str) -> dict:
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     full = run(SINGLE, tmp_path, "full", *BLOCK, "--train-iters", "10")
-    run(
+    first = run(
         SINGLE,
         tmp_path,
         "first",
@@ -60,6 +60,8 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
         "--save",
         str(tmp_path / "ck"),
     )
+    ck = tmp_path / "ck"
+    assert f"> checkpoint: {ck} (resume with --load {ck})" in first["stdout"].splitlines()
     resumed = run(SINGLE, tmp_path, "resumed", *BLOCK, "--train-iters", "10", "--load", str(tmp_path / "ck"))
     assert resumed["start_iteration"] == 6
     assert resumed["losses"] == full["losses"][6:]  # bitwise

@@ -86,7 +86,7 @@ def test_tensorboard_diagnostics_and_wsd_schedule(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = tmp_path / "tb"
-    run_cli(
+    result = run_cli(
         *TINY,
         "--train-iters",
         "10",
@@ -103,6 +103,7 @@ def test_tensorboard_diagnostics_and_wsd_schedule(tmp_path):
         "--tensorboard-dir",
         str(board),
     )
+    assert result.stdout.splitlines()[-1] == f"> TensorBoard logs: {board} (tensorboard --logdir {board})"
     events = EventAccumulator(str(board))
     events.Reload()
     scalars = set(events.Tags()["scalars"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -327,6 +328,11 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         f"{summary['tokens_per_second']:.0f} | loss {summary['initial_loss']} -> {summary['final_loss']} | "
         f"attention residuals: {setup.config.attention_residuals}"
     )
+    if args.save:
+        log(f"> checkpoint: {os.path.abspath(args.save)} (resume with --load {args.save})")
+    if args.tensorboard_dir:
+        board_dir = args.tensorboard_dir
+        log(f"> TensorBoard logs: {os.path.abspath(board_dir)} (tensorboard --logdir {board_dir})")
     if args.summary_json and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.summary_json, "w") as handle:
             json.dump(summary, handle, indent=2)
