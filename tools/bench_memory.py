@@ -25,10 +25,12 @@ import torch
 from proxy_model import (
     RECOMPUTE,
     ProxyShape,
+    add_shape_args,
     build_proxy,
     init_single_process,
     proxy_batch,
     proxy_config,
+    shape_from_args,
     write_json,
 )
 
@@ -79,18 +81,11 @@ def markdown(rows: list[dict[str, Any]], unit: int) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--blocks", type=int, default=8, help="N for the Block variant")
+    add_shape_args(parser)
     parser.add_argument("--impl", default="torch", help="--attn-res-impl of the AttnRes variants")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
 
-    shape = ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
+    shape = shape_from_args(args)
     init_single_process(args.device)
     rows = []
     for variant in VARIANTS:

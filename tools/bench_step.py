@@ -4,8 +4,7 @@
 Every variant is built once; steps (forward, loss, backward, AdamW update) then run
 round-robin over the variants, so slow drifts of a shared machine hit all of them alike.
 Reported: the median step time per variant and its ratio to the baseline's median, and the
-forward+backward share of it. AttnRes variants run with each ``--impls`` aggregation (fused
-only on CUDA).
+forward+backward share of it. AttnRes variants run with each ``--impls`` aggregation.
 
 Example::
 
@@ -22,12 +21,13 @@ from typing import Any, Optional
 
 import torch
 from proxy_model import (
-    ProxyShape,
+    add_shape_args,
     build_proxy,
     init_single_process,
     median,
     proxy_batch,
     proxy_config,
+    shape_from_args,
     write_json,
 )
 
@@ -77,15 +77,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--blocks", type=int, default=8, help="N for the Block variant")
+    add_shape_args(parser)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
-        "--impls", nargs="+", default=None, help="aggregations (default: torch two-phase, +fused on CUDA)"
+        "--impls", nargs="+", default=["torch", "two-phase", "fused"], help="AttnRes aggregations to time"
     )
     parser.add_argument(
         "--variants",
@@ -96,15 +91,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
 
     # Subnormal floats make CPU arithmetic erratically slow (seconds per step in whichever
     # variant happens to produce them early on); GPUs flush them in these kernels anyway.
     torch.set_flush_denormal(True)
-    impls = args.impls or (["torch", "two-phase"] + (["fused"] if args.device.startswith("cuda") else []))
-    shape = ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
+    impls = args.impls
+    shape = shape_from_args(args)
     init_single_process(args.device)
     batch = proxy_batch(shape, args.device)
     steps = {}

@@ -8,6 +8,7 @@ variants add their ``attn_res`` module under ``selective``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from dataclasses import dataclass
@@ -46,6 +47,20 @@ class ProxyShape:
     def stream_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one ``[s, b, h]`` tensor."""
         return self.seq * self.batch * self.hidden * torch.empty(0, dtype=dtype).element_size()
+
+
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The proxy's shape flags (defaults: the 16-layer proxy)."""
+    defaults = ProxyShape()
+    for name in ("layers", "hidden", "heads", "seq", "batch"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--blocks", type=int, default=defaults.blocks, help="N for the Block variant")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="write the results as JSON to this path")
+
+
+def shape_from_args(args: argparse.Namespace) -> ProxyShape:
+    return ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
 
 
 def residual_fields(variant: str, shape: ProxyShape) -> dict[str, Any]:

@@ -32,7 +32,12 @@ from attnres_megatron.profiling.timers import (
 from attnres_megatron.profiling.variants import variant_args
 from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
 from attnres_megatron.training.data import DataParallelBatches
-from attnres_megatron.training.model_setup import TrainingSetup, config_from_args, setup_training
+from attnres_megatron.training.model_setup import (
+    TrainingSetup,
+    config_from_args,
+    run_schedule,
+    setup_training,
+)
 from attnres_megatron.training.pretrain import forward_step, reduced_loss
 
 
@@ -75,15 +80,7 @@ class VariantRun:
                 chunk.zero_grad_buffer()
             setup.optimizer.zero_grad()
             with region or nullcontext():
-                outputs = self.schedule(
-                    forward_step_func=forward_step,
-                    data_iterator=[iter(batches) for _ in setup.chunks],
-                    model=setup.chunks,
-                    num_microbatches=len(batches),
-                    seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size,
-                    forward_only=False,
-                )
+                outputs = run_schedule(self.schedule, setup, args, batches, forward_step)
             middle = self.clock.now()
             with nvtx_range("attnres-profile/optimizer"):
                 setup.optimizer.step()

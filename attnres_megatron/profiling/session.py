@@ -13,9 +13,9 @@ from attnres_megatron.profiling.precision import resolve_precision
 from attnres_megatron.profiling.report import build_report
 from attnres_megatron.profiling.runner import profile_variant
 from attnres_megatron.training.arguments import validate_args
-from attnres_megatron.training.distributed import initialize_parallel, resolve_device, shutdown_parallel
+from attnres_megatron.training.distributed import resolve_device, shutdown_parallel
 from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
-from attnres_megatron.training.model_setup import virtual_stages
+from attnres_megatron.training.model_setup import initialize_parallel_from_args
 from attnres_megatron.training.pretrain import training_batches
 
 
@@ -28,17 +28,7 @@ def run_profile(args: argparse.Namespace, argv: Optional[list[str]] = None) -> O
     validate_args(args, launch.world_size)
     device = resolve_device(args.device)
     plan = resolve_precision(args, device)
-    initialize_parallel(
-        device,
-        args.seed,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_stages(args),
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        launch_env=launch,
-    )
+    initialize_parallel_from_args(args, device, launch)
     try:
         data = training_batches(args, device)
         gathered = []

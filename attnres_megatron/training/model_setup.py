@@ -28,6 +28,8 @@ from megatron.core.transformer.module import Float16Module
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
+from attnres_megatron.training.distributed import initialize_parallel
+from attnres_megatron.training.launch_env import LaunchEnv
 
 MOE_FIELDS_FROM_ARGS = (
     "moe_router_topk",
@@ -118,6 +120,36 @@ def virtual_stages(args: argparse.Namespace):
     """Megatron's virtual pipeline size (None unless interleaving)."""
     vpp = args.num_virtual_stages_per_pipeline_rank
     return vpp if vpp and vpp > 1 else None
+
+
+def initialize_parallel_from_args(args: argparse.Namespace, device: str, launch: LaunchEnv) -> None:
+    """Process groups, Megatron's parallel state and RNG for these arguments."""
+    initialize_parallel(
+        device,
+        args.seed,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_stages(args),
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        launch_env=launch,
+    )
+
+
+def run_schedule(
+    schedule, setup: TrainingSetup, args: argparse.Namespace, batches: list, forward_step
+) -> list:
+    """One forward-backward over ``batches`` with a Megatron schedule on every model chunk."""
+    return schedule(
+        forward_step_func=forward_step,
+        data_iterator=[iter(batches) for _ in setup.chunks],
+        model=setup.chunks,
+        num_microbatches=len(batches),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
 
 
 WeightDecaySetting = Union[str, float]

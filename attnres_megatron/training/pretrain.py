@@ -31,15 +31,13 @@ from attnres_megatron.training.data import (
     build_datasets,
     default_corpus_prefix,
 )
-from attnres_megatron.training.distributed import (
-    initialize_parallel,
-    resolve_device,
-    shutdown_parallel,
-)
+from attnres_megatron.training.distributed import resolve_device, shutdown_parallel
 from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
 from attnres_megatron.training.model_setup import (
     TrainingSetup,
     config_from_args,
+    initialize_parallel_from_args,
+    run_schedule,
     setup_training,
     virtual_stages,
 )
@@ -105,17 +103,7 @@ def train(args: argparse.Namespace) -> dict:
         config = config_from_args(args, device)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    initialize_parallel(
-        device,
-        args.seed,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_stages(args),
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        launch_env=launch,
-    )
+    initialize_parallel_from_args(args, device, launch)
     try:
         setup = setup_training(args, config, BYTE_VOCAB_SIZE, device)
         return _train(args, setup, device, launch.launcher)
@@ -224,15 +212,7 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         if recorder is not None and logging_step:
             recorder.reset()
             recorder.attach()
-        outputs = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in setup.chunks],
-            model=setup.chunks,
-            num_microbatches=len(batches),
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=False,
-        )
+        outputs = run_schedule(forward_backward, setup, args, batches, forward_step)
         loss = reduced_loss(outputs) if last_stage else 0.0
         if recorder is not None and recorder.attached:
             recorder.detach()
