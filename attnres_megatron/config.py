@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 ATTN_RES_MODES = ("none", "block", "full")
@@ -167,8 +168,6 @@ class AttnResTransformerConfig(TransformerConfig):
 
     def _validate_attn_res_impl(self) -> None:
         if self.attn_res_impl == "fused":
-            import torch
-
             from attnres_megatron.ops.triton_aggregate import MAX_SOURCES, require_triton
 
             if torch.cuda.is_available():  # CPU tensors use the C++ kernels instead

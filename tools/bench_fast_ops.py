@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -115,7 +114,9 @@ def two_phase_block(
 def fused_available(device: torch.device) -> tuple[bool, str]:
     """Whether the fused kernels (Triton on CUDA, C++ on CPU) can be timed here, and why not."""
     if device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        from attnres_megatron.ops.triton_aggregate import runs_cpu_kernels
+
+        if not runs_cpu_kernels(torch.empty(0)):
             return False, "fused kernels skipped: TRITON_INTERPRET=1 routes CPU tensors to the interpreter"
         try:
             from attnres_megatron.ops.cpu_fused import _extension

@@ -59,13 +59,6 @@ def measure(variant: str, recompute: str, shape: ProxyShape, impl: str, device: 
     }
 
 
-def block_boundaries(shape: ProxyShape) -> int:
-    """Block boundaries inside a single-stage model of ``shape`` (N blocks: N - 1)."""
-    sublayers = 2 * shape.layers
-    per_block = -(-sublayers // shape.blocks)
-    return -(-sublayers // per_block) - 1
-
-
 def markdown(rows: list[dict[str, Any]], unit: int) -> str:
     lines = [
         "| variant | recompute | saved total (MiB) | per layer (MiB) | in [s,b,h] tensors |",
@@ -94,7 +87,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"{variant:8s} {recompute:9s} saved {rows[-1]['total_bytes'] / 2**20:9.2f} MiB", flush=True)
     unit = shape.stream_bytes(torch.float32)
     by_key = {(row["variant"], row["recompute"]): row for row in rows}
-    boundaries = block_boundaries(shape)
+    # Sources at the output are b0 plus every block; the boundaries sit between the blocks.
+    boundaries = proxy_config("block", shape).attn_res_num_sources_at_output() - 2
     allowed = by_key["baseline", "none"]["total_bytes"] + boundaries * unit
     target = {
         "block_selective_bytes": by_key["block", "selective"]["total_bytes"],

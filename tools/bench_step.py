@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
+from bench_fast_ops import synchronize
 from proxy_model import (
     add_shape_args,
     build_proxy,
     init_single_process,
-    median,
     proxy_batch,
     proxy_config,
     shape_from_args,
@@ -32,12 +33,7 @@ from proxy_model import (
 )
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def make_step(model: torch.nn.Module, batch, device: str) -> Callable[[], tuple[float, float]]:
+def make_step(model: torch.nn.Module, batch, device: torch.device) -> Callable[[], tuple[float, float]]:
     """One training step; returns (seconds for forward+backward, seconds in total)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     tokens, positions, labels = batch
@@ -103,7 +99,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     steps = {}
     for variant, impl in variants(impls, args.variants):
         config = proxy_config(variant, shape, impl=impl, dtype=args.dtype)
-        steps[variant, impl] = make_step(build_proxy(config, shape, args.device), batch, args.device)
+        steps[variant, impl] = make_step(
+            build_proxy(config, shape, args.device), batch, torch.device(args.device)
+        )
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in steps}
     for index in range(args.warmup + args.steps):
         for key, step in steps.items():
@@ -112,16 +110,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 samples[key].append(timing)
         print(f"round {index + 1}/{args.warmup + args.steps}", flush=True)
 
-    baseline = median([total for _, total in samples["baseline", "torch"]])
+    baseline = statistics.median([total for _, total in samples["baseline", "torch"]])
     rows = []
     for (variant, impl), timings in samples.items():
-        step_ms = median([total for _, total in timings]) * 1e3
+        step_ms = statistics.median([total for _, total in timings]) * 1e3
         rows.append(
             {
                 "variant": variant,
                 "impl": impl,
                 "step_ms": step_ms,
-                "fwd_bwd_ms": median([fb for fb, _ in timings]) * 1e3,
+                "fwd_bwd_ms": statistics.median([fb for fb, _ in timings]) * 1e3,
                 "ratio_to_baseline": step_ms / (baseline * 1e3),
                 "samples_ms": [total * 1e3 for _, total in timings],
             }

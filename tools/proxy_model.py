@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,10 +130,6 @@ def init_single_process(device: str, seed: int = 1234) -> None:
 
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel(device, seed)
-
-
-def median(samples: list[float]) -> float:
-    return statistics.median(samples)
 
 
 def write_json(path: str | None, result: dict[str, Any]) -> None:

@@ -43,8 +43,8 @@ class DepthState:
     """The current block's mixer (built lazily by ``mixer_factory``)."""
 
     @classmethod
-    def from_embedding(cls, embedding: Tensor, **options) -> DepthState:
-        return cls(blocks=(embedding,), **options)
+    def from_embedding(cls, embedding: Tensor) -> DepthState:
+        return cls(blocks=(embedding,))
 
     def sources(self) -> list[Tensor]:
         """Values the next aggregation mixes: completed blocks, then the partial sum."""

@@ -453,6 +453,12 @@ class FusedAttnResAggregate(torch.autograd.Function):
         return (grad_query, grad_gain, None, None, *grad_sources)
 
 
+def runs_cpu_kernels(source: Tensor) -> bool:
+    """Whether ``aggregate_fused`` takes the C++ CPU kernels for ``source`` (CPU tensors, unless
+    ``TRITON_INTERPRET=1`` sends them to the Triton interpreter)."""
+    return not source.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def triton_cdiv(a: int, b: int) -> int:
     """Ceiling division (kept local so shape logic does not need Triton)."""
     return -(-a // b)
@@ -473,7 +479,7 @@ def aggregate_fused(
         raise ValueError("AttnRes aggregation needs at least one source.")
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
-    if not sources[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if runs_cpu_kernels(sources[0]):
         from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
 
         return aggregate_cpu_fused(sources, query, gain, eps)
