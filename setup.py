@@ -14,7 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["attnres_megatron", "attnres_megatron.*"]),
-    package_data={"attnres_megatron.profiling": ["report_schema.json"]},
+    package_data={
+        "attnres_megatron.profiling": ["report_schema.json"],
+        "attnres_megatron.ops": ["csrc/*.cpp"],  # the C++ CPU kernels, compiled on first use
+    },
     install_requires=[
         # CPU machines install the pinned CPU build first (constraints/cpu.txt); GPU
         # machines keep the CUDA build of torch they already have.

@@ -51,4 +51,6 @@ def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):
     )
     for row in result["rows"]:
         assert row["fused_ms"] is not None and row["fused_ms"] > 0
+        assert row["two_phase_ms"] > 0 and row["two_phase_eager_ms"] > 0
         assert row["bytes_moved"] == (3 * row["n"] + 2) * 16 * 32 * 4
+    assert result["meta"]["malloc"] == "retain"

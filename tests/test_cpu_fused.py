@@ -103,15 +103,15 @@ def test_fused_impl_routes_cpu_tensors_to_the_cpp_kernels(monkeypatch):
 
 
 def test_build_failure_names_the_fix(monkeypatch):
-    from attnres_megatron.ops import cpu_fused
+    from attnres_megatron.ops.cpu_extension import cpu_extension
 
     def broken(*args, **kwargs):
         raise OSError("no C++ compiler")
 
-    cpu_fused._extension.cache_clear()
+    cpu_extension.cache_clear()
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", broken)
     try:
         with pytest.raises(RuntimeError, match="--attn-res-impl torch"):
-            cpu_fused._extension()
+            cpu_extension()
     finally:
-        cpu_fused._extension.cache_clear()
+        cpu_extension.cache_clear()

@@ -64,7 +64,13 @@ TWO_PHASE_CASES = [(1, 1), (1, 4), (2, 1), (3, 2), (4, 6), (9, 6), (5, 16)]
 
 
 def run_block(
-    n: int, n_sub: int, with_partial: bool, dtype: torch.dtype, seed: int, shape: Sequence[int] = (5, 2, 16)
+    n: int,
+    n_sub: int,
+    with_partial: bool,
+    dtype: torch.dtype,
+    seed: int,
+    shape: Sequence[int] = (5, 2, 16),
+    kernels: str = "auto",
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """One block: two-phase mixes vs ``aggregate_reference``; returns (outs, refs, grads, ref_grads)."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,7 +82,7 @@ def run_block(
     def partial(j: int) -> Tensor | None:
         return partials[j] if (with_partial or n == 0) else None
 
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
     outs = [agg.mix(j, partial(j)) for j in range(n_sub)]
     refs = []
     for j in range(n_sub):
@@ -89,32 +95,45 @@ def run_block(
     return outs, refs, list(grads), list(ref_grads)
 
 
+KERNELS = pytest.mark.parametrize("kernels", ["cpp", "eager"])
+
+
+@KERNELS
 @pytest.mark.parametrize("with_partial", [True, False], ids=["partial", "no_partial"])
 @pytest.mark.parametrize(("n", "n_sub"), TWO_PHASE_CASES)
-def test_two_phase_matches_reference_fp64(n: int, n_sub: int, with_partial: bool) -> None:
-    outs, refs, grads, ref_grads = run_block(n, n_sub, with_partial, torch.float64, seed=100 * n + n_sub)
+def test_two_phase_matches_reference_fp64(n: int, n_sub: int, with_partial: bool, kernels: str) -> None:
+    outs, refs, grads, ref_grads = run_block(
+        n, n_sub, with_partial, torch.float64, seed=100 * n + n_sub, kernels=kernels
+    )
     for out in outs:
         assert out.dtype == torch.float64
     assert_all_close(outs, refs, rtol=1e-12, atol=1e-12)
     assert_all_close(grads, ref_grads, rtol=1e-10, atol=1e-11)
 
 
+@KERNELS
 @pytest.mark.parametrize("with_partial", [True, False], ids=["partial", "no_partial"])
 @pytest.mark.parametrize(("n", "n_sub"), TWO_PHASE_CASES)
-def test_two_phase_matches_reference_fp32(n: int, n_sub: int, with_partial: bool) -> None:
-    outs, refs, grads, ref_grads = run_block(n, n_sub, with_partial, torch.float32, seed=7 + n + n_sub)
+def test_two_phase_matches_reference_fp32(n: int, n_sub: int, with_partial: bool, kernels: str) -> None:
+    outs, refs, grads, ref_grads = run_block(
+        n, n_sub, with_partial, torch.float32, seed=7 + n + n_sub, kernels=kernels
+    )
     assert_all_close(outs, refs, rtol=1e-5, atol=1e-5)
     assert_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
 
 
-def test_two_phase_no_completed_blocks_returns_partial() -> None:
-    outs, refs, grads, ref_grads = run_block(0, 2, True, torch.float64, seed=3)
+@KERNELS
+def test_two_phase_no_completed_blocks_returns_partial(kernels: str) -> None:
+    outs, refs, grads, ref_grads = run_block(0, 2, True, torch.float64, seed=3, kernels=kernels)
     assert_all_close(outs, refs, rtol=0, atol=0)
     assert_all_close(grads, ref_grads, rtol=1e-12, atol=1e-12)
 
 
-def test_two_phase_bf16_close_to_reference() -> None:
-    outs, refs, grads, ref_grads = run_block(4, 3, True, torch.bfloat16, seed=11, shape=(6, 2, 32))
+@KERNELS
+def test_two_phase_bf16_close_to_reference(kernels: str) -> None:
+    outs, refs, grads, ref_grads = run_block(
+        4, 3, True, torch.bfloat16, seed=11, shape=(6, 2, 32), kernels=kernels
+    )
     assert all(o.dtype == torch.bfloat16 for o in outs)
     assert_all_close(outs, refs, rtol=2 * 2.0**-8, atol=1e-2)
     assert_all_close(grads, ref_grads, rtol=2e-2, atol=2e-2)
@@ -134,14 +153,15 @@ def test_phase_one_stats_and_phase_two_without_partial() -> None:
         torch.testing.assert_close(phase_two(stats[j], None, queries[j], gains[j], EPS), ref)
 
 
-def test_two_phase_saves_only_references_and_scalars() -> None:
+@KERNELS
+def test_two_phase_saves_only_references_and_scalars(kernels: str) -> None:
     """Backward keeps the sources and per-token scalars, never a [T, h] fp32 accumulator."""
     gen = torch.Generator().manual_seed(9)
     s, b, h = 16, 2, 32
     blocks = [rand((s, b, h), gen, torch.float32) for _ in range(4)]
     partial = rand((s, b, h), gen, torch.float32)
     queries, gains = params(h, 3, gen, torch.float32)
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
     packed: list[Tensor] = []
 
     def pack(t: Tensor) -> Tensor:
@@ -155,19 +175,118 @@ def test_two_phase_saves_only_references_and_scalars() -> None:
     assert all(any(t is src for src in sources) for t in big), [tuple(t.shape) for t in big]
 
 
-def test_aggregator_releases_stats_after_last_mix() -> None:
+@KERNELS
+def test_aggregator_releases_stats_after_last_mix(kernels: str) -> None:
     gen = torch.Generator().manual_seed(2)
     blocks = [rand((3, 1, 8), gen, torch.float32) for _ in range(2)]
     queries, gains = params(8, 2, gen, torch.float32)
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
     agg.mix(0, None)
     agg.mix(1, blocks[0])
     with pytest.raises(RuntimeError, match="already mixed"):
         agg.mix(0, None)
-    keep = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, release_after_last=False)
+    keep = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, release_after_last=False, kernels=kernels)
     first = keep.mix(0, None)
     keep.mix(1, None)
     torch.testing.assert_close(keep.mix(0, None), first)
+
+
+def block_inputs(n: int, n_sub: int, seed: int, dtype=torch.float64, shape=(7, 2, 24)):
+    """``n`` blocks, ``n_sub`` (query, gain) pairs and partials, and upstream gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [rand(shape, gen, dtype, 0.5 + 0.25 * i) for i in range(n)]
+    queries, gains = params(shape[-1], n_sub, gen, dtype)
+    partials = [rand(shape, gen, dtype, 1.5) for _ in range(n_sub)]
+    upstream = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(n_sub)]
+    return blocks, queries, gains, partials, upstream
+
+
+def test_two_phase_cpp_accumulates_block_grads_per_backward_pass() -> None:
+    """Block gradients reach autograd once per backward pass, summed over the sublayers that
+    ran backward: two passes double them; a pass over some sublayers gives only theirs."""
+    blocks, queries, gains, partials, upstream = block_inputs(3, 3, seed=21)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="cpp")
+    outs = [agg.mix(j, partials[j] if j else None) for j in range(3)]
+    refs = [
+        aggregate_reference(blocks + ([partials[j]] if j else []), queries[j], gains[j], EPS)
+        for j in range(3)
+    ]
+    want = torch.autograd.grad(refs, blocks, upstream, retain_graph=True)
+    torch.autograd.backward(outs, upstream, retain_graph=True)
+    torch.autograd.backward(outs, upstream)
+    for block, expected in zip(blocks, want):
+        torch.testing.assert_close(block.grad, 2 * expected, rtol=1e-12, atol=1e-12)
+    outs = _mix_all(blocks, queries, gains, partials)
+    some = torch.autograd.grad([outs[0], outs[2]], blocks, [upstream[0], upstream[2]])
+    want_some = torch.autograd.grad([refs[0], refs[2]], blocks, [upstream[0], upstream[2]])
+    assert_all_close(list(some), list(want_some), rtol=1e-12, atol=1e-12)
+
+
+def _mix_all(blocks, queries, gains, partials, kernels: str = "cpp") -> list[Tensor]:
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+    return [agg.mix(j, partials[j] if j else None) for j in range(len(queries))]
+
+
+def test_two_phase_cpp_backward_is_bitwise_deterministic_across_thread_counts() -> None:
+    blocks, queries, gains, partials, upstream = block_inputs(
+        4, 3, seed=5, dtype=torch.float32, shape=(300, 2, 64)
+    )
+    leaves = [*blocks, *queries, *gains, *partials[1:]]
+
+    def grads() -> tuple[Tensor, ...]:
+        return torch.autograd.grad(_mix_all(blocks, queries, gains, partials), leaves, upstream)
+
+    threads = torch.get_num_threads()
+    runs = [grads(), grads()]
+    try:
+        torch.set_num_threads(1)
+        runs.append(grads())
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_two_phase_cpp_non_contiguous_blocks_and_frozen_inputs() -> None:
+    gen = torch.Generator().manual_seed(13)
+    base = rand((2, 7, 24), gen, torch.float64)
+    view = base.transpose(0, 1)  # [7, 2, 24], not contiguous
+    frozen = rand((7, 2, 24), gen, torch.float64).detach()
+    blocks = [view, frozen]
+    queries, gains = params(24, 2, gen, torch.float64)
+    partials = [None, rand((7, 2, 24), gen, torch.float64)]
+    upstream = [torch.randn(7, 2, 24, generator=gen, dtype=torch.float64) for _ in range(2)]
+    outs = _mix_all(blocks, queries, gains, partials)
+    refs = [
+        aggregate_reference(blocks + ([partials[j]] if j else []), queries[j], gains[j], EPS)
+        for j in range(2)
+    ]
+    assert_all_close(outs, refs, rtol=1e-12, atol=1e-12)
+    leaves = [base, *queries, *gains, partials[1]]
+    assert_all_close(
+        list(torch.autograd.grad(outs, leaves, upstream)),
+        list(torch.autograd.grad(refs, leaves, upstream)),
+        rtol=1e-10,
+        atol=1e-11,
+    )
+
+
+def test_two_phase_kernels_fall_back_to_eager_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnres_megatron.ops import cpu_extension, two_phase
+
+    def broken() -> None:
+        raise RuntimeError("C++ kernels unavailable; use --attn-res-impl torch")
+
+    monkeypatch.setattr(cpu_extension, "cpu_extension", broken)
+    blocks, queries, gains, partials, _ = block_inputs(2, 2, seed=1)
+    with pytest.raises(RuntimeError, match="--attn-res-impl torch"):
+        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="cpp")
+    two_phase._warn_eager_fallback.cache_clear()
+    with pytest.warns(UserWarning, match="eager"):
+        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+    torch.testing.assert_close(agg.mix(0, None), aggregate_reference(blocks, queries[0], gains[0], EPS))
+    with pytest.raises(ValueError, match="kernels"):
+        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="triton")
 
 
 # --------------------------------------------------------------------------------------------

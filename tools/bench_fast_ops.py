@@ -6,7 +6,8 @@ Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
 * ``torch``: :func:`attnres_megatron.ops.aggregate` (memory-lean autograd Function);
 * ``reference``: :func:`attnres_megatron.ops.aggregate_reference` (plain autograd);
 * ``two_phase``: one block of ``S`` sublayers via :class:`TwoPhaseBlockAggregator` with
-  ``n - 1`` completed blocks plus a partial per sublayer (``n`` sources each), cost / ``S``;
+  ``n - 1`` completed blocks plus a partial per sublayer (``n`` sources each), cost / ``S``:
+  the C++ kernels on CPU (``two_phase_eager``: the eager ATen passes, for comparison);
 * ``fused``: :func:`attnres_megatron.ops.triton_aggregate.aggregate_fused`: the Triton kernels
   on CUDA, the C++ kernels of ``attnres_megatron.ops.cpu_fused`` on CPU.
 
@@ -14,6 +15,11 @@ It also reports a memory-traffic lower bound: forward moves ``n`` source reads +
 write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
 ``(3 n + 2) * T * h * bytes``, divided by the copy bandwidth (``2 * bytes / time`` of a large
 ``Tensor.copy_``) measured in the same run.
+
+On CPU, ``--malloc retain`` (default) applies
+:func:`attnres_megatron.compat.cpu_malloc.retain_freed_memory`, as CPU training does, so
+steady-state calls reuse heap pages; ``--malloc system`` keeps glibc's defaults, where every
+call also pays first-touch page faults on its fresh output and gradient tensors.
 
 Example::
 
@@ -32,6 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from attnres_megatron.compat.cpu_malloc import retain_freed_memory
 from attnres_megatron.ops import aggregate, aggregate_reference
 from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
 
@@ -97,14 +104,19 @@ def single_call(fn: Callable[..., Tensor], sources: list[Tensor], query: Tensor,
 
 
 def two_phase_block(
-    sources: list[Tensor], queries: list[Tensor], gains: list[Tensor], partials: list[Tensor], grad: Tensor
+    sources: list[Tensor],
+    queries: list[Tensor],
+    gains: list[Tensor],
+    partials: list[Tensor],
+    grad: Tensor,
+    kernels: str = "auto",
 ):
     """Closure timing one block: phase 1 + ``S`` phase-2 mixes, forward + backward of all."""
     blocks = sources[:-1]
     leaves = [*blocks, *queries, *gains, *partials]
 
     def run() -> None:
-        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
+        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
         outs = [agg.mix(j, partials[j]) for j in range(len(queries))]
         torch.autograd.grad(outs, leaves, [grad] * len(outs))
 
@@ -119,9 +131,9 @@ def fused_available(device: torch.device) -> tuple[bool, str]:
         if not runs_cpu_kernels(torch.empty(0)):
             return False, "fused kernels skipped: TRITON_INTERPRET=1 routes CPU tensors to the interpreter"
         try:
-            from attnres_megatron.ops.cpu_fused import _extension
+            from attnres_megatron.ops.cpu_extension import cpu_extension
 
-            _extension()
+            cpu_extension()
         except RuntimeError as exc:
             return False, f"fused C++ kernels skipped: {exc}"
         return True, ""
@@ -145,18 +157,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table of the results."""
     lines = [
         f"Forward+backward, best of {meta['repeats']} (ms); shape {meta['shape']}, {meta['dtype']}, "
-        f"device {meta['device']}, "
-        f"S={meta['sublayers']}, copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s.",
+        f"device {meta['device']}, S={meta['sublayers']}, malloc {meta['malloc']}, "
+        f"copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s.",
         "",
-        "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | fused "
-        "| traffic bound | torch / bound | two-phase / bound | fused / bound |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | two-phase eager "
+        "| fused | traffic bound | torch / bound | two-phase / bound | fused / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratios = [r[key] / r["bound_ms"] if r[key] is not None else None for key in BOUND_RATIOS]
         lines.append(
             f"| {r['n']} | {fmt(r['torch_ms'])} | {fmt(r['reference_ms'])} | {fmt(r['two_phase_ms'])} "
-            f"| {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | "
+            f"| {fmt(r['two_phase_eager_ms'])} | {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | "
             + " | ".join(f"{fmt(x)}x" for x in ratios)
             + " |"
         )
@@ -177,6 +189,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="n in {2, 6, 10}, 2 repeats, S=3, no reference")
+    parser.add_argument(
+        "--malloc",
+        choices=("retain", "system"),
+        default="retain",
+        help="CPU: keep freed memory in the heap as CPU training does (retain) or glibc's defaults",
+    )
     parser.add_argument("--output", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
 
@@ -184,6 +202,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.sources = [n for n in args.sources if n in (2, 6, 10)] or args.sources[:1]
         args.repeats, args.sublayers = min(args.repeats, 2), min(args.sublayers, 3)
     device = torch.device(args.device)
+    malloc = "n/a"
+    if device.type == "cpu":
+        malloc = args.malloc
+        if args.malloc == "retain" and not retain_freed_memory():
+            malloc = "system (not applied: MALLOC_* thresholds set, or no glibc)"
     dtype = DTYPES[args.dtype]
     shape = (args.seq, args.batch, args.hidden)
     elt = torch.empty(0, dtype=dtype).element_size()
@@ -210,6 +233,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         block_ms = time_fn(two_phase_block(sources, queries, gains, partials, grad), device, **timing)
         row["two_phase_block_ms"] = block_ms
         row["two_phase_ms"] = block_ms / args.sublayers
+        row["two_phase_eager_ms"] = None
+        if device.type == "cpu":
+            eager = two_phase_block(sources, queries, gains, partials, grad, kernels="eager")
+            row["two_phase_eager_ms"] = time_fn(eager, device, **timing) / args.sublayers
         row["fused_ms"] = None
         if use_fused:
             row["fused_ms"] = time_fn(single_call(aggregate_fused, sources, q, g, grad), device, **timing)
@@ -226,6 +253,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "sublayers": args.sublayers,
         "repeats": args.repeats,
+        "malloc": malloc,
         "copy_bandwidth_gbs": bandwidth,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

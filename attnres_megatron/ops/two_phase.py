@@ -35,15 +35,20 @@ Autograd and memory
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.reference import compute_dtype
+
+if TYPE_CHECKING:
+    from attnres_megatron.ops.cpu_two_phase import CppTwoPhaseBlock
 
 
 @dataclass
@@ -272,6 +277,35 @@ def phase_two(
     )
 
 
+TWO_PHASE_KERNELS = ("auto", "cpp", "eager")
+"""``auto``: the C++ kernels for CPU tensors (eager if they cannot be built), eager ATen on GPU."""
+
+
+def use_cpp_kernels(kernels: str, blocks: Sequence[Tensor]) -> bool:
+    """Whether a block runs the C++ two-phase kernels (:mod:`attnres_megatron.ops.cpu_two_phase`)."""
+    if kernels not in TWO_PHASE_KERNELS:
+        raise ValueError(f"two-phase kernels must be one of {TWO_PHASE_KERNELS}, got {kernels!r}.")
+    if kernels == "eager" or not blocks or blocks[0].is_cuda:
+        return False
+    from attnres_megatron.ops.cpu_extension import cpu_extension
+
+    try:
+        cpu_extension()
+    except RuntimeError as exc:
+        if kernels == "cpp":
+            raise
+        _warn_eager_fallback(str(exc))
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_eager_fallback(reason: str) -> None:
+    warnings.warn(
+        f"--attn-res-impl two-phase runs the slower eager ATen passes on CPU: {reason}", stacklevel=3
+    )
+
+
 class TwoPhaseBlockAggregator:
     """Per-block driver: phase 1 at construction, then :meth:`mix` per sublayer.
 
@@ -279,6 +313,9 @@ class TwoPhaseBlockAggregator:
     ``S`` sublayers' pseudo-queries and key-norm gains (sequences of ``[h]`` tensors, e.g. the
     Parameters, or ``[S, h]`` tensors). Phase 1 uses detached copies; gradients reach the
     originals through :meth:`mix`.
+
+    ``kernels`` (see :data:`TWO_PHASE_KERNELS`) picks the C++ CPU kernels or the eager ATen
+    passes; both compute the same function and gradients.
 
     With ``release_after_last`` (default) the fp32 phase-1 accumulators are dropped once every
     sublayer has been mixed; pass ``False`` when the layer loop may call :meth:`mix` again
@@ -292,6 +329,7 @@ class TwoPhaseBlockAggregator:
         gains: Sequence[Tensor] | Tensor,
         eps: float,
         release_after_last: bool = True,
+        kernels: str = "auto",
     ) -> None:
         self.release_after_last = release_after_last
         self.queries = list(queries)
@@ -299,10 +337,17 @@ class TwoPhaseBlockAggregator:
         if len(self.queries) != len(self.gains) or not self.queries:
             raise ValueError("TwoPhaseBlockAggregator needs S >= 1 matching (query, gain) pairs.")
         self.eps = eps
-        with torch.no_grad():
-            q = torch.stack([t.detach() for t in self.queries])
-            g = torch.stack([t.detach() for t in self.gains])
-        self._stats: Optional[InterBlockStats] = phase_one(blocks, q, g, eps)
+        self._cpp: Optional[CppTwoPhaseBlock] = None
+        self._stats: Optional[InterBlockStats] = None
+        if use_cpp_kernels(kernels, blocks):
+            from attnres_megatron.ops.cpu_two_phase import CppTwoPhaseBlock
+
+            self._cpp = CppTwoPhaseBlock(blocks, self.queries, self.gains, eps)
+        else:
+            with torch.no_grad():
+                q = torch.stack([t.detach() for t in self.queries])
+                g = torch.stack([t.detach() for t in self.gains])
+            self._stats = phase_one(blocks, q, g, eps)
         self._remaining = set(range(len(self.queries)))
 
     @property
@@ -316,9 +361,12 @@ class TwoPhaseBlockAggregator:
         The phase-1 accumulators are released once every sublayer has been mixed (see
         ``release_after_last``).
         """
-        if self._stats is None:
+        if self._stats is None and self._cpp is None:
             raise RuntimeError("TwoPhaseBlockAggregator: all sublayers were already mixed.")
-        out = phase_two(self._stats[i], partial, self.queries[i], self.gains[i], self.eps)
+        if self._cpp is not None:
+            out = self._cpp.mix(i, partial)
+        else:
+            out = phase_two(self._stats[i], partial, self.queries[i], self.gains[i], self.eps)
         self._remaining.discard(i)
         if self.release_after_last and not self._remaining:
             self.release()
@@ -326,4 +374,7 @@ class TwoPhaseBlockAggregator:
 
     def release(self) -> None:
         """Drop the phase-1 statistics (the ``[S, ..., h]`` fp32 accumulators)."""
+        if self._cpp is not None:
+            self._cpp.release()
+        self._cpp = None
         self._stats = None

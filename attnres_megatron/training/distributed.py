@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from attnres_megatron.compat.cpu_backend import enable_cpu_backend
+from attnres_megatron.compat.cpu_malloc import retain_freed_memory
 from attnres_megatron.training.launch_env import LaunchEnv, discover_launch_env, export_for_torch
 
 
@@ -36,6 +37,7 @@ def initialize_parallel(
     Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage)."""
     if device == "cpu":
         enable_cpu_backend()
+        retain_freed_memory()
     if not torch.distributed.is_initialized():
         env = launch_env or discover_launch_env()
         export_for_torch(env)

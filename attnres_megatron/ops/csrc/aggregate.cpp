@@ -1,0 +1,169 @@
+// Fused AttnRes aggregation on CPU: forward and deterministic backward, one token row at a time.
+// Math and memory traffic: see attnres_megatron/ops/cpu_fused.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+template <typename scalar_t>
+static void forward_rows(const std::vector<const scalar_t*>& src, const at::opmath_type<scalar_t>* u,
+                         scalar_t* out, at::opmath_type<scalar_t>* logits, at::opmath_type<scalar_t>* rinv,
+                         int64_t T, int64_t h, double eps, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = src.size();
+  std::vector<acc_t> acc(h);
+  for (int64_t t = begin; t < end; ++t) {
+    acc_t m = -std::numeric_limits<acc_t>::infinity(), d = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* v = src[i] + t * h;
+      acc_t ss = 0, dot = 0;
+      #pragma omp simd reduction(+:ss, dot)
+      for (int64_t k = 0; k < h; ++k) {
+        acc_t x = static_cast<acc_t>(v[k]);
+        ss += x * x;
+        dot += x * u[k];
+      }
+      acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+      acc_t logit = dot * r;
+      logits[i * T + t] = logit;
+      rinv[i * T + t] = r;
+      acc_t m_new = std::max(m, logit);
+      acc_t scale = std::exp(m - m_new), p = std::exp(logit - m_new);
+      if (i == 0) {
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) acc[k] = p * static_cast<acc_t>(v[k]);
+      } else {
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) acc[k] = acc[k] * scale + p * static_cast<acc_t>(v[k]);
+      }
+      d = d * scale + p;
+      m = m_new;
+    }
+    scalar_t* o = out + t * h;
+    acc_t inv_d = acc_t(1) / d;
+    #pragma omp simd
+    for (int64_t k = 0; k < h; ++k) o[k] = static_cast<scalar_t>(acc[k] * inv_d);
+  }
+}
+
+std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, torch::Tensor u, double eps) {
+  const int64_t n = sources.size(), h = sources[0].size(-1), T = sources[0].numel() / h;
+  auto out = torch::empty_like(sources[0]);
+  auto logits = torch::empty({n, T}, u.options()), rinv = torch::empty({n, T}, u.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> src;
+    for (auto& s : sources) src.push_back(s.data_ptr<scalar_t>());
+    const acc_t* up = u.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    acc_t* lp = logits.data_ptr<acc_t>();
+    acc_t* rp = rinv.data_ptr<acc_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t>(src, up, op, lp, rp, T, h, eps, begin, end);
+    });
+  });
+  return {out, logits, rinv};
+}
+
+template <typename scalar_t>
+static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
+                          const std::vector<bool>& accumulate, const scalar_t* grad, const at::opmath_type<scalar_t>* u,
+                          const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
+                          at::opmath_type<scalar_t>* du, int64_t T, int64_t h, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = src.size();
+  std::vector<acc_t> alpha(n), ga(n), du_acc(h, acc_t(0));
+  for (int64_t t = begin; t < end; ++t) {
+    const scalar_t* g = grad + t * h;
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i * T + t]);
+    acc_t d = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      alpha[i] = std::exp(logits[i * T + t] - m);
+      d += alpha[i];
+    }
+    acc_t mean_ga = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      alpha[i] /= d;
+      const scalar_t* v = src[i] + t * h;
+      acc_t dot = 0;
+      #pragma omp simd reduction(+:dot)
+      for (int64_t k = 0; k < h; ++k) dot += static_cast<acc_t>(g[k]) * static_cast<acc_t>(v[k]);
+      ga[i] = dot;
+      mean_ga += alpha[i] * dot;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t logit = logits[i * T + t], r = rinv[i * T + t];
+      const acc_t gl = alpha[i] * (ga[i] - mean_ga);
+      const acc_t scaled = gl * r, coef = -gl * logit * r * r / h, a = alpha[i];
+      const scalar_t* v = src[i] + t * h;
+      scalar_t* gv = gsrc[i];
+      if (gv == nullptr) {
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
+        continue;
+      }
+      gv += t * h;
+      if (accumulate[i]) {
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) {
+          const acc_t x = static_cast<acc_t>(v[k]);
+          du_acc[k] += scaled * x;
+          gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + a * static_cast<acc_t>(g[k]) +
+                                        coef * x + scaled * u[k]);
+        }
+      } else {
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) {
+          const acc_t x = static_cast<acc_t>(v[k]);
+          du_acc[k] += scaled * x;
+          gv[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < h; ++k) du[k] = du_acc[k];
+}
+
+std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, torch::Tensor grad,
+                                          torch::Tensor u, torch::Tensor logits, torch::Tensor rinv,
+                                          std::vector<bool> needs_grad, std::vector<torch::Tensor> into,
+                                          int64_t chunks) {
+  // into[i]: a non-empty tensor (contiguous, source dtype) accumulates source i's gradient in place;
+  // an empty one gets a fresh gradient tensor (when needs_grad[i]).
+  const int64_t n = sources.size(), h = sources[0].size(-1), T = sources[0].numel() / h;
+  std::vector<torch::Tensor> grads;
+  std::vector<bool> accumulate(n, false);
+  for (int64_t i = 0; i < n; ++i) {
+    accumulate[i] = needs_grad[i] && into[i].defined() && into[i].numel() > 0;
+    grads.push_back(!needs_grad[i] ? torch::Tensor() : accumulate[i] ? into[i] : torch::empty_like(sources[i]));
+  }
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, T));
+  auto du_parts = torch::empty({chunks, h}, u.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> src;
+    std::vector<scalar_t*> gsrc;
+    for (int64_t i = 0; i < n; ++i) {
+      src.push_back(sources[i].data_ptr<scalar_t>());
+      gsrc.push_back(needs_grad[i] ? grads[i].data_ptr<scalar_t>() : nullptr);
+    }
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const acc_t* up = u.data_ptr<acc_t>();
+    const acc_t* lp = logits.data_ptr<acc_t>();
+    const acc_t* rp = rinv.data_ptr<acc_t>();
+    acc_t* dp = du_parts.data_ptr<acc_t>();
+    const int64_t per_chunk = (T + chunks - 1) / chunks;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t begin = c * per_chunk, end = std::min(T, begin + per_chunk);
+        if (begin >= end) { std::fill(dp + c * h, dp + (c + 1) * h, acc_t(0)); continue; }
+        backward_rows<scalar_t>(src, gsrc, accumulate, gp, up, lp, rp, dp + c * h, T, h, begin, end);
+      }
+    });
+  });
+  grads.push_back(du_parts.sum(0));
+  return grads;
+}

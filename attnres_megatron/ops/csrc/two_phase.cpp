@@ -1,0 +1,151 @@
+// Two-phase Block AttnRes on CPU (paper Algorithm 1): phase 1 over the completed blocks for all S
+// sublayer queries at once, phase 2 (forward) merging one sublayer's intra-block partial sum.
+// Phase-2 backward is fused_backward over [*blocks, partial]. Math: attnres_megatron/ops/two_phase.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+template <typename scalar_t>
+static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at::opmath_type<scalar_t>* U,
+                           int64_t S, at::opmath_type<scalar_t>* o, at::opmath_type<scalar_t>* logits,
+                           at::opmath_type<scalar_t>* rinv, at::opmath_type<scalar_t>* m,
+                           at::opmath_type<scalar_t>* d, int64_t T, int64_t h, double eps, int64_t begin,
+                           int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nb = blocks.size();
+  std::vector<acc_t> l(S * nb), mj(S), dj(S);
+  for (int64_t t = begin; t < end; ++t) {
+    // Logits of every (sublayer j, block i); block rows come from memory once, then from cache.
+    for (int64_t i = 0; i < nb; ++i) {
+      const scalar_t* v = blocks[i] + t * h;
+      acc_t ss = 0;
+      #pragma omp simd reduction(+:ss)
+      for (int64_t k = 0; k < h; ++k) ss += static_cast<acc_t>(v[k]) * static_cast<acc_t>(v[k]);
+      const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+      rinv[i * T + t] = r;
+      for (int64_t j = 0; j < S; ++j) {
+        const acc_t* u = U + j * h;
+        acc_t dot = 0;
+        #pragma omp simd reduction(+:dot)
+        for (int64_t k = 0; k < h; ++k) dot += static_cast<acc_t>(v[k]) * u[k];
+        l[j * nb + i] = dot * r;
+        logits[(j * nb + i) * T + t] = dot * r;
+      }
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      acc_t mx = -std::numeric_limits<acc_t>::infinity(), den = 0;
+      for (int64_t i = 0; i < nb; ++i) mx = std::max(mx, l[j * nb + i]);
+      for (int64_t i = 0; i < nb; ++i) {
+        l[j * nb + i] = std::exp(l[j * nb + i] - mx);  // now the unnormalised weight p_{j,i}
+        den += l[j * nb + i];
+      }
+      mj[j] = mx;
+      dj[j] = den;
+      m[j * T + t] = mx;
+      d[j * T + t] = den;
+    }
+    if (o == nullptr) continue;  // one block: o_j is the block itself (p = 1, d = 1)
+    for (int64_t i = 0; i < nb; ++i) {
+      const scalar_t* v = blocks[i] + t * h;
+      for (int64_t j = 0; j < S; ++j) {
+        acc_t* oj = o + (j * T + t) * h;
+        const acc_t p = l[j * nb + i];
+        if (i == 0) {
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) oj[k] = p * static_cast<acc_t>(v[k]);
+        } else {
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) oj[k] += p * static_cast<acc_t>(v[k]);
+        }
+      }
+    }
+  }
+}
+
+// blocks: nb >= 1 contiguous [T, h] tensors; U: [S, h] (query * gain, stats dtype).
+// Returns {o [S, T, h] (empty when nb == 1), logits [S, nb, T], inv_rms [nb, T], m [S, T], d [S, T]}.
+std::vector<torch::Tensor> phase_one(std::vector<torch::Tensor> blocks, torch::Tensor U, double eps) {
+  const int64_t nb = blocks.size(), S = U.size(0), h = blocks[0].size(-1), T = blocks[0].numel() / h;
+  auto opts = U.options();
+  auto o = nb > 1 ? torch::empty({S, T, h}, opts) : torch::empty({0}, opts);
+  auto logits = torch::empty({S, nb, T}, opts), rinv = torch::empty({nb, T}, opts);
+  auto m = torch::empty({S, T}, opts), d = torch::empty({S, T}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, blocks[0].scalar_type(), "attnres_phase_one", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> src;
+    for (auto& b : blocks) src.push_back(b.data_ptr<scalar_t>());
+    acc_t* op = nb > 1 ? o.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      phase_one_rows<scalar_t>(src, U.data_ptr<acc_t>(), S, op, logits.data_ptr<acc_t>(), rinv.data_ptr<acc_t>(),
+                               m.data_ptr<acc_t>(), d.data_ptr<acc_t>(), T, h, eps, begin, end);
+    });
+  });
+  return {o, logits, rinv, m, d};
+}
+
+template <typename scalar_t, typename o_t>
+static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_type<scalar_t>* m,
+                           const at::opmath_type<scalar_t>* d, const at::opmath_type<scalar_t>* u,
+                           scalar_t* out, at::opmath_type<scalar_t>* lp, at::opmath_type<scalar_t>* rp,
+                           int64_t h, double eps, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t t = begin; t < end; ++t) {
+    const o_t* ot = o + t * h;
+    scalar_t* y = out + t * h;
+    if (vp == nullptr) {  // first sublayer of a block: no partial sum yet
+      const acc_t inv_d = acc_t(1) / d[t];
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(ot[k]) * inv_d);
+      continue;
+    }
+    const scalar_t* v = vp + t * h;
+    acc_t ss = 0, dot = 0;
+    #pragma omp simd reduction(+:ss, dot)
+    for (int64_t k = 0; k < h; ++k) {
+      const acc_t x = static_cast<acc_t>(v[k]);
+      ss += x * x;
+      dot += x * u[k];
+    }
+    const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps)), logit = dot * r;
+    lp[t] = logit;
+    rp[t] = r;
+    const acc_t mx = std::max(m[t], logit);
+    const acc_t a = std::exp(m[t] - mx), b = std::exp(logit - mx);
+    const acc_t inv_den = acc_t(1) / (a * d[t] + b), wa = a * inv_den, wb = b * inv_den;
+    #pragma omp simd
+    for (int64_t k = 0; k < h; ++k)
+      y[k] = static_cast<scalar_t>(wa * static_cast<acc_t>(ot[k]) + wb * static_cast<acc_t>(v[k]));
+  }
+}
+
+// partial: contiguous [T, h] or empty (no partial); o: contiguous [T, h], either the phase-1
+// accumulator (stats dtype) or, with one completed block, the block itself (source dtype);
+// m, d: [T]; u: [h]; lp, rp: [T] outputs (the partial's logit and inverse RMS). Returns out.
+torch::Tensor phase_two_forward(torch::Tensor partial, torch::Tensor o, torch::Tensor m, torch::Tensor d,
+                                torch::Tensor u, double eps, torch::Tensor lp, torch::Tensor rp,
+                                torch::Tensor like) {
+  const int64_t h = like.size(-1), T = like.numel() / h;
+  auto out = torch::empty_like(like);
+  const bool has_partial = partial.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, like.scalar_type(), "attnres_phase_two", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* vp = has_partial ? partial.data_ptr<scalar_t>() : nullptr;
+    acc_t* lpp = has_partial ? lp.data_ptr<acc_t>() : nullptr;
+    acc_t* rpp = has_partial ? rp.data_ptr<acc_t>() : nullptr;
+    auto run = [&](auto* op) {
+      at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+        phase_two_rows<scalar_t>(vp, op, m.data_ptr<acc_t>(), d.data_ptr<acc_t>(), u.data_ptr<acc_t>(),
+                                 out.data_ptr<scalar_t>(), lpp, rpp, h, eps, begin, end);
+      });
+    };
+    if (o.scalar_type() == like.scalar_type()) {
+      run(o.data_ptr<scalar_t>());
+    } else {
+      run(o.data_ptr<acc_t>());
+    }
+  });
+  return out;
+}
