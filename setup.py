@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["attnres_megatron", "attnres_megatron.*"]),
     package_data={
         "attnres_megatron.profiling": ["report_schema.json"],
-        "attnres_megatron.ops": ["csrc/*.cpp"],  # the C++ CPU kernels, compiled on first use
+        "attnres_megatron.ops": ["csrc/*.cpp", "csrc/*.h"],  # the C++ CPU kernels, compiled on first use
     },
     install_requires=[
         # CPU machines install the pinned CPU build first (constraints/cpu.txt); GPU

@@ -14,7 +14,9 @@ Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
 It also reports a memory-traffic lower bound: forward moves ``n`` source reads + 1 output
 write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
 ``(3 n + 2) * T * h * bytes``, divided by the copy bandwidth (``2 * bytes / time`` of a large
-``Tensor.copy_``) measured in the same run.
+``Tensor.copy_``) measured in the same run: per row, the copy and every implementation are
+timed in rounds (each called once per round), and each keeps its best time, so a drift of
+the machine's bandwidth during the run affects the bound and the ops alike.
 
 On CPU, ``--malloc retain`` (default) applies
 :func:`attnres_megatron.compat.cpu_malloc.retain_freed_memory`, as CPU training does, so
@@ -52,27 +54,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Best (minimum) wall time of ``fn`` in milliseconds; the minimum is the least noisy
-    statistic on a shared machine."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Best (minimum) wall time in milliseconds of each of ``fns``, timed in rounds that call
+    each once, so that a drift of the machine's speed hits all of them alike; the minimum is
+    the least noisy statistic on a shared machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return min(samples)
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
-    """Copy bandwidth in GB/s (read + write counted) of a ``nbytes`` tensor copy."""
+def tensor_copy(device: torch.device, nbytes: int) -> Callable[[], Any]:
+    """Closure copying a ``nbytes`` fp32 tensor (the bandwidth reference: ``2 * nbytes`` moved)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device, repeats=max(3, repeats), warmup=1)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    return lambda: dst.copy_(src)
 
 
 def make_inputs(
@@ -156,9 +162,9 @@ def fmt(value: Optional[float]) -> str:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table of the results."""
     lines = [
-        f"Forward+backward, best of {meta['repeats']} (ms); shape {meta['shape']}, {meta['dtype']}, "
+        f"Forward+backward, best of {meta['repeats']} rounds (ms); shape {meta['shape']}, {meta['dtype']}, "
         f"device {meta['device']}, S={meta['sublayers']}, malloc {meta['malloc']}, "
-        f"copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s.",
+        f"copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s (median of the rows' own).",
         "",
         "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | two-phase eager "
         "| fused | traffic bound | torch / bound | two-phase / bound | fused / bound |",
@@ -211,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     shape = (args.seq, args.batch, args.hidden)
     elt = torch.empty(0, dtype=dtype).element_size()
     tokens_bytes = args.seq * args.batch * args.hidden * elt
-    bandwidth = copy_bandwidth(device, max(64 << 20, 4 * tokens_bytes), args.repeats)
+    copy_bytes = max(64 << 20, 4 * tokens_bytes)
     use_fused, fused_note = fused_available(device)
     notes = [fused_note] if fused_note else []
     if args.quick:
@@ -223,23 +229,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for n in args.sources:
         sources, queries, gains, partials, grad = make_inputs(n, shape, dtype, device, args.sublayers)
         q, g = queries[0], gains[0]
-        timing = {"repeats": args.repeats, "warmup": args.warmup}
         row: dict[str, Any] = {"n": n}
-        row["torch_ms"] = time_fn(single_call(aggregate, sources, q, g, grad), device, **timing)
-        row["reference_ms"] = None
+        fns = {
+            "copy": tensor_copy(device, copy_bytes),
+            "torch": single_call(aggregate, sources, q, g, grad),
+            "two_phase_block": two_phase_block(sources, queries, gains, partials, grad),
+        }
         if not args.quick:
-            reference = single_call(aggregate_reference, sources, q, g, grad)
-            row["reference_ms"] = time_fn(reference, device, **timing)
-        block_ms = time_fn(two_phase_block(sources, queries, gains, partials, grad), device, **timing)
-        row["two_phase_block_ms"] = block_ms
-        row["two_phase_ms"] = block_ms / args.sublayers
-        row["two_phase_eager_ms"] = None
+            fns["reference"] = single_call(aggregate_reference, sources, q, g, grad)
         if device.type == "cpu":
-            eager = two_phase_block(sources, queries, gains, partials, grad, kernels="eager")
-            row["two_phase_eager_ms"] = time_fn(eager, device, **timing) / args.sublayers
-        row["fused_ms"] = None
+            fns["two_phase_eager_block"] = two_phase_block(
+                sources, queries, gains, partials, grad, kernels="eager"
+            )
         if use_fused:
-            row["fused_ms"] = time_fn(single_call(aggregate_fused, sources, q, g, grad), device, **timing)
+            fns["fused"] = single_call(aggregate_fused, sources, q, g, grad)
+        best = time_round_robin(fns, device, args.repeats, args.warmup)
+        row["torch_ms"] = best["torch"]
+        row["reference_ms"] = best.get("reference")
+        row["two_phase_block_ms"] = best["two_phase_block"]
+        row["two_phase_ms"] = best["two_phase_block"] / args.sublayers
+        eager = best.get("two_phase_eager_block")
+        row["two_phase_eager_ms"] = None if eager is None else eager / args.sublayers
+        row["fused_ms"] = best.get("fused")
+        bandwidth = 2 * copy_bytes / (best["copy"] * 1e-3) / 1e9
+        row["copy_bandwidth_gbs"] = bandwidth
         moved = (3 * n + 2) * tokens_bytes
         row["bytes_moved"] = moved
         row["bound_ms"] = moved / (bandwidth * 1e9) * 1e3
@@ -254,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "sublayers": args.sublayers,
         "repeats": args.repeats,
         "malloc": malloc,
-        "copy_bandwidth_gbs": bandwidth,
+        "copy_bandwidth_gbs": sorted(r["copy_bandwidth_gbs"] for r in rows)[len(rows) // 2],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),

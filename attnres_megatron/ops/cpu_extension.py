@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("aggregate.cpp", "two_phase.cpp")
+SOURCES = ("rows.h", "aggregate.cpp", "two_phase.cpp")
+"""Compiled as one translation unit; the header comes first so that its text is part of the
+build hash (a changed header rebuilds the extension)."""
 FUNCTIONS = ("fused_forward", "fused_backward", "phase_one", "phase_two_forward")
 
 
@@ -29,6 +31,7 @@ def cpu_extension() -> Any:
             functions=list(FUNCTIONS),
             extra_cflags=["-O3", "-fopenmp", "-march=native"],
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
             verbose=False,
         )
     except Exception as exc:  # compiler or ninja missing, build error

@@ -32,7 +32,9 @@ GRAD_CHUNKS = 64
 NO_TENSOR = torch.empty(0)
 """``fused_backward``'s "no accumulation target" marker: that source gets a fresh gradient."""
 
-def _rows(tensor: Tensor) -> Tensor:
+
+def contiguous_rows(tensor: Tensor) -> Tensor:
+    """``tensor`` itself when contiguous (the kernels index rows as ``t * h``), else a copy."""
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
@@ -42,7 +44,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, gain: Tensor, eps: float, *sources: Tensor) -> Tensor:
         dtype = sources[0].dtype
-        rows = [_rows(s.to(dtype)) for s in sources]
+        rows = [contiguous_rows(s.to(dtype)) for s in sources]
         stats = compute_dtype(dtype)
         weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
         out, logits, inv_rms = cpu_extension().fused_forward(rows, weighted_query, float(eps))
@@ -54,12 +56,18 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
         dtype = sources[0].dtype
-        rows = [_rows(s.to(dtype)) for s in sources]
+        rows = [contiguous_rows(s.to(dtype)) for s in sources]
         stats = logits.dtype
         weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
         needs = [bool(ctx.needs_input_grad[3 + i]) for i in range(len(sources))]
         *grads, du = cpu_extension().fused_backward(
-            rows, _rows(grad_out.to(dtype)), weighted_query, logits, inv_rms, needs, [NO_TENSOR] * len(rows),
+            rows,
+            contiguous_rows(grad_out.to(dtype)),
+            weighted_query,
+            logits,
+            inv_rms,
+            needs,
+            [NO_TENSOR] * len(rows),
             GRAD_CHUNKS,
         )
         grad_sources = [

@@ -35,12 +35,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR
+from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, contiguous_rows
 from attnres_megatron.ops.reference import compute_dtype
-
-
-def _rows(tensor: Tensor) -> Tensor:
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 class BlockGradients:
@@ -63,7 +59,7 @@ class _PhaseOne(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: CppTwoPhaseBlock, weighted: Tensor, *blocks: Tensor) -> Tensor:
-        rows = [_rows(b.detach().to(blocks[0].dtype)).view(-1, b.shape[-1]) for b in blocks]
+        rows = [contiguous_rows(b.detach().to(blocks[0].dtype)).view(-1, b.shape[-1]) for b in blocks]
         o, logits, inv_rms, m, d = cpu_extension().phase_one(rows, weighted, block.eps)
         block.o = rows * len(m) if len(rows) == 1 else o
         block.logits, block.inv_rms, block.m, block.d = logits, inv_rms, m, d
@@ -99,9 +95,17 @@ class _PhaseTwo(torch.autograd.Function):
         logits[:n_blocks] = block.logits[j]
         inv_rms[:n_blocks] = block.inv_rms
         u = (query.to(stats) * gain.to(stats)).contiguous()
-        rows = _rows(partial.to(like.dtype)) if partial is not None else NO_TENSOR
+        rows = contiguous_rows(partial.to(like.dtype)) if partial is not None else NO_TENSOR
         out = cpu_extension().phase_two_forward(
-            rows, block.o[j], block.m[j], block.d[j], u, block.eps, logits[-1], inv_rms[-1], _rows(like)
+            rows,
+            block.o[j],
+            block.m[j],
+            block.d[j],
+            u,
+            block.eps,
+            logits[-1],
+            inv_rms[-1],
+            contiguous_rows(like),
         )
         ctx.grads, ctx.has_partial = block.grads, partial is not None
         ctx.save_for_backward(query, gain, logits, inv_rms, *blocks, *([partial] if ctx.has_partial else []))
@@ -120,9 +124,9 @@ class _PhaseTwo(torch.autograd.Function):
         if ctx.has_partial:
             needs.append(bool(ctx.needs_input_grad[3]))
             targets.append(NO_TENSOR)
-        rows = [_rows(s.to(dtype)) for s in sources]
+        rows = [contiguous_rows(s.to(dtype)) for s in sources]
         *grads, du = cpu_extension().fused_backward(
-            rows, _rows(grad_out.to(dtype)), u, logits, inv_rms, needs, targets, GRAD_CHUNKS
+            rows, contiguous_rows(grad_out.to(dtype)), u, logits, inv_rms, needs, targets, GRAD_CHUNKS
         )
         n_blocks = len(grads_of_blocks.needs)
         for i in range(n_blocks):

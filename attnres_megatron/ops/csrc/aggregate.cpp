@@ -2,6 +2,7 @@
 // Math and memory traffic: see attnres_megatron/ops/cpu_fused.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "rows.h"
 #include <ATen/OpMathType.h>
 #include <cmath>
 #include <limits>
@@ -10,10 +11,11 @@
 template <typename scalar_t>
 static void forward_rows(const std::vector<const scalar_t*>& src, const at::opmath_type<scalar_t>* u,
                          scalar_t* out, at::opmath_type<scalar_t>* logits, at::opmath_type<scalar_t>* rinv,
-                         int64_t T, int64_t h, double eps, int64_t begin, int64_t end) {
+                         int64_t T, int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = src.size();
   std::vector<acc_t> acc(h);
+  std::vector<scalar_t> row(h);
   for (int64_t t = begin; t < end; ++t) {
     acc_t m = -std::numeric_limits<acc_t>::infinity(), d = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -41,11 +43,12 @@ static void forward_rows(const std::vector<const scalar_t*>& src, const at::opma
       d = d * scale + p;
       m = m_new;
     }
-    scalar_t* o = out + t * h;
     acc_t inv_d = acc_t(1) / d;
     #pragma omp simd
-    for (int64_t k = 0; k < h; ++k) o[k] = static_cast<scalar_t>(acc[k] * inv_d);
+    for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k] * inv_d);
+    write_row(out + t * h, row.data(), h * sizeof(scalar_t), stream);
   }
+  finish_rows();
 }
 
 std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, torch::Tensor u, double eps) {
@@ -60,8 +63,9 @@ std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, tor
     scalar_t* op = out.data_ptr<scalar_t>();
     acc_t* lp = logits.data_ptr<acc_t>();
     acc_t* rp = rinv.data_ptr<acc_t>();
+    const bool stream = stream_output(out.nbytes());
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t>(src, up, op, lp, rp, T, h, eps, begin, end);
+      forward_rows<scalar_t>(src, up, op, lp, rp, T, h, eps, stream, begin, end);
     });
   });
   return {out, logits, rinv};
@@ -71,10 +75,12 @@ template <typename scalar_t>
 static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
                           const std::vector<bool>& accumulate, const scalar_t* grad, const at::opmath_type<scalar_t>* u,
                           const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
-                          at::opmath_type<scalar_t>* du, int64_t T, int64_t h, int64_t begin, int64_t end) {
+                          at::opmath_type<scalar_t>* du, int64_t T, int64_t h, bool stream, int64_t begin,
+                          int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = src.size();
   std::vector<acc_t> alpha(n), ga(n), du_acc(h, acc_t(0));
+  std::vector<scalar_t> row(h);
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* g = grad + t * h;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -111,20 +117,22 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
         for (int64_t k = 0; k < h; ++k) {
           const acc_t x = static_cast<acc_t>(v[k]);
           du_acc[k] += scaled * x;
-          gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + a * static_cast<acc_t>(g[k]) +
-                                        coef * x + scaled * u[k]);
+          row[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + a * static_cast<acc_t>(g[k]) +
+                                         coef * x + scaled * u[k]);
         }
       } else {
         #pragma omp simd
         for (int64_t k = 0; k < h; ++k) {
           const acc_t x = static_cast<acc_t>(v[k]);
           du_acc[k] += scaled * x;
-          gv[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
+          row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
         }
       }
+      write_row(gv, row.data(), h * sizeof(scalar_t), stream);
     }
   }
   for (int64_t k = 0; k < h; ++k) du[k] = du_acc[k];
+  finish_rows();
 }
 
 std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, torch::Tensor grad,
@@ -156,11 +164,12 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
     const acc_t* rp = rinv.data_ptr<acc_t>();
     acc_t* dp = du_parts.data_ptr<acc_t>();
     const int64_t per_chunk = (T + chunks - 1) / chunks;
+    const bool stream = stream_output(sources[0].nbytes());
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t begin = c * per_chunk, end = std::min(T, begin + per_chunk);
         if (begin >= end) { std::fill(dp + c * h, dp + (c + 1) * h, acc_t(0)); continue; }
-        backward_rows<scalar_t>(src, gsrc, accumulate, gp, up, lp, rp, dp + c * h, T, h, begin, end);
+        backward_rows<scalar_t>(src, gsrc, accumulate, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
       }
     });
   });

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include "rows.h"
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -12,11 +13,11 @@ template <typename scalar_t>
 static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at::opmath_type<scalar_t>* U,
                            int64_t S, at::opmath_type<scalar_t>* o, at::opmath_type<scalar_t>* logits,
                            at::opmath_type<scalar_t>* rinv, at::opmath_type<scalar_t>* m,
-                           at::opmath_type<scalar_t>* d, int64_t T, int64_t h, double eps, int64_t begin,
-                           int64_t end) {
+                           at::opmath_type<scalar_t>* d, int64_t T, int64_t h, double eps, bool stream,
+                           int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = blocks.size();
-  std::vector<acc_t> l(S * nb), mj(S), dj(S);
+  std::vector<acc_t> l(S * nb), mj(S), dj(S), acc(o == nullptr ? 0 : S * h);
   for (int64_t t = begin; t < end; ++t) {
     // Logits of every (sublayer j, block i); block rows come from memory once, then from cache.
     for (int64_t i = 0; i < nb; ++i) {
@@ -51,7 +52,7 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
     for (int64_t i = 0; i < nb; ++i) {
       const scalar_t* v = blocks[i] + t * h;
       for (int64_t j = 0; j < S; ++j) {
-        acc_t* oj = o + (j * T + t) * h;
+        acc_t* oj = acc.data() + j * h;
         const acc_t p = l[j * nb + i];
         if (i == 0) {
           #pragma omp simd
@@ -62,7 +63,9 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
         }
       }
     }
+    for (int64_t j = 0; j < S; ++j) write_row(o + (j * T + t) * h, acc.data() + j * h, h * sizeof(acc_t), stream);
   }
+  finish_rows();
 }
 
 // blocks: nb >= 1 contiguous [T, h] tensors; U: [S, h] (query * gain, stats dtype).
@@ -78,9 +81,10 @@ std::vector<torch::Tensor> phase_one(std::vector<torch::Tensor> blocks, torch::T
     std::vector<const scalar_t*> src;
     for (auto& b : blocks) src.push_back(b.data_ptr<scalar_t>());
     acc_t* op = nb > 1 ? o.data_ptr<acc_t>() : nullptr;
+    const bool stream = stream_output(T * h * static_cast<int64_t>(sizeof(acc_t)));
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
       phase_one_rows<scalar_t>(src, U.data_ptr<acc_t>(), S, op, logits.data_ptr<acc_t>(), rinv.data_ptr<acc_t>(),
-                               m.data_ptr<acc_t>(), d.data_ptr<acc_t>(), T, h, eps, begin, end);
+                               m.data_ptr<acc_t>(), d.data_ptr<acc_t>(), T, h, eps, stream, begin, end);
     });
   });
   return {o, logits, rinv, m, d};
@@ -90,15 +94,16 @@ template <typename scalar_t, typename o_t>
 static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_type<scalar_t>* m,
                            const at::opmath_type<scalar_t>* d, const at::opmath_type<scalar_t>* u,
                            scalar_t* out, at::opmath_type<scalar_t>* lp, at::opmath_type<scalar_t>* rp,
-                           int64_t h, double eps, int64_t begin, int64_t end) {
+                           int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  std::vector<scalar_t> y(h);
   for (int64_t t = begin; t < end; ++t) {
     const o_t* ot = o + t * h;
-    scalar_t* y = out + t * h;
     if (vp == nullptr) {  // first sublayer of a block: no partial sum yet
       const acc_t inv_d = acc_t(1) / d[t];
       #pragma omp simd
       for (int64_t k = 0; k < h; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(ot[k]) * inv_d);
+      write_row(out + t * h, y.data(), h * sizeof(scalar_t), stream);
       continue;
     }
     const scalar_t* v = vp + t * h;
@@ -118,7 +123,9 @@ static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_ty
     #pragma omp simd
     for (int64_t k = 0; k < h; ++k)
       y[k] = static_cast<scalar_t>(wa * static_cast<acc_t>(ot[k]) + wb * static_cast<acc_t>(v[k]));
+    write_row(out + t * h, y.data(), h * sizeof(scalar_t), stream);
   }
+  finish_rows();
 }
 
 // partial: contiguous [T, h] or empty (no partial); o: contiguous [T, h], either the phase-1
@@ -135,10 +142,11 @@ torch::Tensor phase_two_forward(torch::Tensor partial, torch::Tensor o, torch::T
     const scalar_t* vp = has_partial ? partial.data_ptr<scalar_t>() : nullptr;
     acc_t* lpp = has_partial ? lp.data_ptr<acc_t>() : nullptr;
     acc_t* rpp = has_partial ? rp.data_ptr<acc_t>() : nullptr;
+    const bool stream = stream_output(out.nbytes());
     auto run = [&](auto* op) {
       at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
         phase_two_rows<scalar_t>(vp, op, m.data_ptr<acc_t>(), d.data_ptr<acc_t>(), u.data_ptr<acc_t>(),
-                                 out.data_ptr<scalar_t>(), lpp, rpp, h, eps, begin, end);
+                                 out.data_ptr<scalar_t>(), lpp, rpp, h, eps, stream, begin, end);
       });
     };
     if (o.scalar_type() == like.scalar_type()) {
