@@ -201,9 +201,10 @@ def block_inputs(n: int, n_sub: int, seed: int, dtype=torch.float64, shape=(7, 2
     return blocks, queries, gains, partials, upstream
 
 
-def test_two_phase_cpp_accumulates_block_grads_per_backward_pass() -> None:
-    """Block gradients reach autograd once per backward pass, summed over the sublayers that
-    ran backward: two passes double them; a pass over some sublayers gives only theirs."""
+def test_two_phase_cpp_block_grads_once_per_backward_pass() -> None:
+    """Block gradients are computed once per backward pass (phase-1 backward), from the
+    sublayers that ran backward in it: two passes double them; a pass over some sublayers
+    gives only theirs."""
     blocks, queries, gains, partials, upstream = block_inputs(3, 3, seed=21)
     agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="cpp")
     outs = [agg.mix(j, partials[j] if j else None) for j in range(3)]

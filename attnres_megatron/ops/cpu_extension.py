@@ -16,7 +16,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("rows.h", "aggregate.cpp", "two_phase.cpp")
 """Compiled as one translation unit; the header comes first so that its text is part of the
 build hash (a changed header rebuilds the extension)."""
-FUNCTIONS = ("fused_forward", "fused_backward", "phase_one", "phase_two_forward")
+FUNCTIONS = ("fused_forward", "fused_backward", "phase_one", "phase_two_forward", "phase_one_backward")
 
 
 @functools.lru_cache(maxsize=1)

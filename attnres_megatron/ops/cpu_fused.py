@@ -30,7 +30,7 @@ GRAD_CHUNKS = 64
 """Token chunks of the deterministic query-gradient reduction."""
 
 NO_TENSOR = torch.empty(0)
-"""``fused_backward``'s "no accumulation target" marker: that source gets a fresh gradient."""
+"""An absent optional tensor argument of the kernels (e.g. ``fused_backward``'s ``deferred``)."""
 
 
 def contiguous_rows(tensor: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
             logits,
             inv_rms,
             needs,
-            [NO_TENSOR] * len(rows),
+            NO_TENSOR,
             GRAD_CHUNKS,
         )
         grad_sources = [

@@ -8,21 +8,27 @@ Same math as :mod:`attnres_megatron.ops.two_phase`, with the passes fused per to
   written.
 * phase 2 forward: the partial row is read once (its RMS and logit, then the merge from cache)
   together with ``o_j``; the output is written once.
-* phase 2 backward: the fused aggregation backward over ``[*blocks, partial]``. The block
-  gradients of all ``S`` sublayers are **accumulated in place** into one buffer per block (the
-  first sublayer to run backward writes it, the others add to it), instead of autograd adding
-  ``S`` separate gradient tensors.
+* phase 2 backward: the fused aggregation backward over ``[*blocks, partial]``, writing the
+  partial's gradient and the query gradient, but for the blocks only three fp32 numbers per
+  block and token (``grad b_i = alpha_i g + coef_i b_i + scaled_i u``); it keeps a reference
+  to its upstream gradient ``g``.
+* phase 1 backward: **one pass per block for all S sublayers**: per token, the ``S`` upstream
+  gradient rows (from cache), the block row and the coefficients give the block's gradient,
+  written once. Summing ``S`` per-sublayer block gradients (autograd's way, or in place)
+  would read and write every block gradient ``S`` times.
 
 Autograd wiring: :class:`_PhaseOne` takes the blocks and returns a scalar token; each
 :class:`_PhaseTwo` takes the token, so autograd runs phase-1 backward only after every phase-2
-backward of the block. Phase-2 backward accumulates into :class:`BlockGradients` and returns a
-zero token gradient; phase-1 backward hands the accumulated block gradients to autograd.
-Phase 2 also takes the blocks, only to save them for backward (no copies; saved-tensor hooks
-and in-place checks see them); it returns no gradient for them.
+backward of the block in that backward pass. Phase-2 backward records into
+:class:`DeferredBlockGradients` and returns a zero token gradient; phase-1 backward computes
+the block gradients from what was recorded and clears it. Phase 2 also takes the blocks, only
+to save them for backward (no copies; saved-tensor hooks and in-place checks see them); it
+returns no gradient for them.
 
 Saved for backward per sublayer: references to the blocks and the partial, the query and gain,
-and ``(n + 1)`` fp32 logits and inverse RMS per token. The accumulators are dropped by
-:meth:`CppTwoPhaseBlock.release`.
+and ``(n + 1)`` fp32 logits and inverse RMS per token. During the block's backward, the
+upstream gradients of its sublayers are held until phase-1 backward (at most ``S`` ``[T, h]``
+tensors, freed right after). The accumulators are dropped by :meth:`CppTwoPhaseBlock.release`.
 """
 
 from __future__ import annotations
@@ -39,23 +45,38 @@ from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, contiguous_ro
 from attnres_megatron.ops.reference import compute_dtype
 
 
-class BlockGradients:
-    """Block gradients accumulated across one block's phase-2 backward calls."""
+class DeferredBlockGradients:
+    """What the phase-2 backward calls of one backward pass leave for phase-1 backward."""
 
     def __init__(self, needs: list[bool]) -> None:
         self.needs = needs
-        self.buffers: list[Optional[Tensor]] = [None] * len(needs)
+        self._clear()
 
-    def targets(self) -> list[Tensor]:
-        return [NO_TENSOR if b is None else b for b in self.buffers]
+    def _clear(self) -> None:
+        self.grads: list[Tensor] = []  # upstream gradient rows [T, h] per sublayer
+        self.coefs: list[Tensor] = []  # [3, n_blocks, T] per sublayer
+        self.queries: list[Tensor] = []  # u = query * gain [h] per sublayer
 
-    def take(self) -> list[Optional[Tensor]]:
-        buffers, self.buffers = self.buffers, [None] * len(self.needs)
-        return buffers
+    def record(self, grad: Tensor, coefs: Tensor, weighted_query: Tensor) -> None:
+        self.grads.append(grad)
+        self.coefs.append(coefs)
+        self.queries.append(weighted_query)
+
+    def block_grads(self, blocks: Sequence[Tensor]) -> list[Optional[Tensor]]:
+        """The blocks' gradients from the recorded sublayers (None where not needed or none ran);
+        clears the record."""
+        if not self.grads:
+            return [None] * len(blocks)
+        rows = [contiguous_rows(b) for b in blocks]
+        grads = cpu_extension().phase_one_backward(
+            rows, self.grads, torch.stack(self.coefs), torch.stack(self.queries), self.needs
+        )
+        self._clear()
+        return [None if g is None else g.view(b.shape) for g, b in zip(grads, blocks)]
 
 
 class _PhaseOne(torch.autograd.Function):
-    """Phase 1 in forward; in backward, the block gradients accumulated by the phase-2 calls."""
+    """Phase 1 in forward; in backward, the block gradients of all the phase-2 calls at once."""
 
     @staticmethod
     def forward(ctx, block: CppTwoPhaseBlock, weighted: Tensor, *blocks: Tensor) -> Tensor:
@@ -64,12 +85,13 @@ class _PhaseOne(torch.autograd.Function):
         block.o = rows * len(m) if len(rows) == 1 else o
         block.logits, block.inv_rms, block.m, block.d = logits, inv_rms, m, d
         ctx.grads = block.grads
+        ctx.save_for_backward(*blocks)
         return torch.zeros((), dtype=weighted.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, _grad_token: Tensor):
-        return (None, None, *ctx.grads.take())
+        return (None, None, *ctx.grads.block_grads(ctx.saved_tensors))
 
 
 class _PhaseTwo(torch.autograd.Function):
@@ -115,23 +137,18 @@ class _PhaseTwo(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
-        grads_of_blocks: BlockGradients = ctx.grads
+        deferred: DeferredBlockGradients = ctx.grads
+        n_blocks = len(deferred.needs)
         dtype = sources[0].dtype
         stats = logits.dtype
         u = (query.to(stats) * gain.to(stats)).contiguous()
-        needs = list(grads_of_blocks.needs)
-        targets = grads_of_blocks.targets()
-        if ctx.has_partial:
-            needs.append(bool(ctx.needs_input_grad[3]))
-            targets.append(NO_TENSOR)
+        needs = [False] * n_blocks + ([bool(ctx.needs_input_grad[3])] if ctx.has_partial else [])
+        coefs = torch.empty(3, n_blocks, logits.shape[1], dtype=stats)
+        grad = contiguous_rows(grad_out.to(dtype)).view(-1, grad_out.shape[-1])
         rows = [contiguous_rows(s.to(dtype)) for s in sources]
-        *grads, du = cpu_extension().fused_backward(
-            rows, contiguous_rows(grad_out.to(dtype)), u, logits, inv_rms, needs, targets, GRAD_CHUNKS
-        )
-        n_blocks = len(grads_of_blocks.needs)
-        for i in range(n_blocks):
-            if needs[i]:
-                grads_of_blocks.buffers[i] = grads[i]
+        *grads, du = cpu_extension().fused_backward(rows, grad, u, logits, inv_rms, needs, coefs, GRAD_CHUNKS)
+        if any(deferred.needs):
+            deferred.record(grad, coefs, u)
         grad_partial = None
         if ctx.has_partial and needs[-1]:
             partial = sources[-1]
@@ -157,7 +174,7 @@ class CppTwoPhaseBlock:
         dtype = self.blocks[0].dtype
         if any(b.shape != self.blocks[0].shape for b in self.blocks):
             raise ValueError("AttnRes blocks must share one shape.")
-        self.grads = BlockGradients([b.requires_grad for b in self.blocks])
+        self.grads = DeferredBlockGradients([b.requires_grad for b in self.blocks])
         stats = compute_dtype(dtype)
         with torch.no_grad():
             weighted = torch.stack([q.to(stats) * g.to(stats) for q, g in zip(self.queries, self.gains)])

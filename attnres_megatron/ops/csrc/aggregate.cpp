@@ -73,7 +73,8 @@ std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, tor
 
 template <typename scalar_t>
 static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
-                          const std::vector<bool>& accumulate, const scalar_t* grad, const at::opmath_type<scalar_t>* u,
+                          at::opmath_type<scalar_t>* deferred, int64_t n_deferred, const scalar_t* grad,
+                          const at::opmath_type<scalar_t>* u,
                           const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
                           at::opmath_type<scalar_t>* du, int64_t T, int64_t h, bool stream, int64_t begin,
                           int64_t end) {
@@ -106,27 +107,22 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
       const acc_t scaled = gl * r, coef = -gl * logit * r * r / h, a = alpha[i];
       const scalar_t* v = src[i] + t * h;
       scalar_t* gv = gsrc[i];
+      if (i < n_deferred) {  // grad_v = a * grad + coef * v + scaled * u, summed later (two-phase)
+        deferred[(0 * n_deferred + i) * T + t] = a;
+        deferred[(1 * n_deferred + i) * T + t] = coef;
+        deferred[(2 * n_deferred + i) * T + t] = scaled;
+      }
       if (gv == nullptr) {
         #pragma omp simd
         for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
         continue;
       }
       gv += t * h;
-      if (accumulate[i]) {
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) {
-          const acc_t x = static_cast<acc_t>(v[k]);
-          du_acc[k] += scaled * x;
-          row[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + a * static_cast<acc_t>(g[k]) +
-                                         coef * x + scaled * u[k]);
-        }
-      } else {
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) {
-          const acc_t x = static_cast<acc_t>(v[k]);
-          du_acc[k] += scaled * x;
-          row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
-        }
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) {
+        const acc_t x = static_cast<acc_t>(v[k]);
+        du_acc[k] += scaled * x;
+        row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
       }
       write_row(gv, row.data(), h * sizeof(scalar_t), stream);
     }
@@ -137,17 +133,15 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
 
 std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, torch::Tensor grad,
                                           torch::Tensor u, torch::Tensor logits, torch::Tensor rinv,
-                                          std::vector<bool> needs_grad, std::vector<torch::Tensor> into,
+                                          std::vector<bool> needs_grad, torch::Tensor deferred,
                                           int64_t chunks) {
-  // into[i]: a non-empty tensor (contiguous, source dtype) accumulates source i's gradient in place;
-  // an empty one gets a fresh gradient tensor (when needs_grad[i]).
+  // deferred: empty, or [3, n_deferred, T] (stats dtype) receiving, for the first n_deferred
+  // sources, the per-token coefficients of their gradient instead of the gradient itself.
   const int64_t n = sources.size(), h = sources[0].size(-1), T = sources[0].numel() / h;
+  const int64_t n_deferred = deferred.numel() > 0 ? deferred.size(1) : 0;
   std::vector<torch::Tensor> grads;
-  std::vector<bool> accumulate(n, false);
-  for (int64_t i = 0; i < n; ++i) {
-    accumulate[i] = needs_grad[i] && into[i].defined() && into[i].numel() > 0;
-    grads.push_back(!needs_grad[i] ? torch::Tensor() : accumulate[i] ? into[i] : torch::empty_like(sources[i]));
-  }
+  for (int64_t i = 0; i < n; ++i)
+    grads.push_back(needs_grad[i] && i >= n_deferred ? torch::empty_like(sources[i]) : torch::Tensor());
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, T));
   auto du_parts = torch::empty({chunks, h}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_bwd", [&] {
@@ -156,7 +150,7 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
     std::vector<scalar_t*> gsrc;
     for (int64_t i = 0; i < n; ++i) {
       src.push_back(sources[i].data_ptr<scalar_t>());
-      gsrc.push_back(needs_grad[i] ? grads[i].data_ptr<scalar_t>() : nullptr);
+      gsrc.push_back(grads[i].defined() ? grads[i].data_ptr<scalar_t>() : nullptr);
     }
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const acc_t* up = u.data_ptr<acc_t>();
@@ -169,7 +163,7 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t begin = c * per_chunk, end = std::min(T, begin + per_chunk);
         if (begin >= end) { std::fill(dp + c * h, dp + (c + 1) * h, acc_t(0)); continue; }
-        backward_rows<scalar_t>(src, gsrc, accumulate, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
+        backward_rows<scalar_t>(src, gsrc, n_deferred ? deferred.data_ptr<acc_t>() : nullptr, n_deferred, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
       }
     });
   });

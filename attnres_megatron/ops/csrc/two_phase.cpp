@@ -157,3 +157,63 @@ torch::Tensor phase_two_forward(torch::Tensor partial, torch::Tensor o, torch::T
   });
   return out;
 }
+
+template <typename scalar_t>
+static void block_grad_rows(const std::vector<const scalar_t*>& blocks, const std::vector<scalar_t*>& gblocks,
+                            const std::vector<const scalar_t*>& grads, const at::opmath_type<scalar_t>* coefs,
+                            const at::opmath_type<scalar_t>* U, int64_t T, int64_t h, bool stream, int64_t begin,
+                            int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nb = blocks.size(), S = grads.size();
+  std::vector<acc_t> acc(h);
+  std::vector<scalar_t> row(h);
+  auto coef = [&](int64_t j, int64_t kind, int64_t i, int64_t t) { return coefs[((j * 3 + kind) * nb + i) * T + t]; };
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t i = 0; i < nb; ++i) {
+      if (gblocks[i] == nullptr) continue;
+      // grad b_i = sum_j (alpha_ji grad_j + coef_ji b_i + scaled_ji u_j): the S gradient rows
+      // stay in cache across the blocks of this token.
+      const scalar_t* v = blocks[i] + t * h;
+      acc_t c = 0;
+      for (int64_t j = 0; j < S; ++j) c += coef(j, 1, i, t);
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) acc[k] = c * static_cast<acc_t>(v[k]);
+      for (int64_t j = 0; j < S; ++j) {
+        const acc_t a = coef(j, 0, i, t), sc = coef(j, 2, i, t);
+        const scalar_t* g = grads[j] + t * h;
+        const acc_t* u = U + j * h;
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) acc[k] += a * static_cast<acc_t>(g[k]) + sc * u[k];
+      }
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k]);
+      write_row(gblocks[i] + t * h, row.data(), h * sizeof(scalar_t), stream);
+    }
+  }
+  finish_rows();
+}
+
+// Block gradients of one two-phase block from the S' sublayers that ran backward: blocks: nb
+// contiguous [T, h]; grads: their S' upstream gradients [T, h]; coefs: [S', 3, nb, T] (alpha,
+// coef, scaled per sublayer, block and token, from fused_backward's `deferred`); U: [S', h].
+std::vector<torch::Tensor> phase_one_backward(std::vector<torch::Tensor> blocks, std::vector<torch::Tensor> grads,
+                                              torch::Tensor coefs, torch::Tensor U, std::vector<bool> needs_grad) {
+  const int64_t nb = blocks.size(), h = blocks[0].size(-1), T = blocks[0].numel() / h;
+  std::vector<torch::Tensor> out;
+  for (int64_t i = 0; i < nb; ++i) out.push_back(needs_grad[i] ? torch::empty_like(blocks[i]) : torch::Tensor());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, blocks[0].scalar_type(), "attnres_phase_one_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> src, g;
+    std::vector<scalar_t*> gsrc;
+    for (int64_t i = 0; i < nb; ++i) {
+      src.push_back(blocks[i].data_ptr<scalar_t>());
+      gsrc.push_back(needs_grad[i] ? out[i].data_ptr<scalar_t>() : nullptr);
+    }
+    for (auto& x : grads) g.push_back(x.data_ptr<scalar_t>());
+    const bool stream = stream_output(blocks[0].nbytes());
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      block_grad_rows<scalar_t>(src, gsrc, g, coefs.data_ptr<acc_t>(), U.data_ptr<acc_t>(), T, h, stream, begin, end);
+    });
+  });
+  return out;
+}
