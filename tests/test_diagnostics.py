@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from worker_models import small_gpt_config
 
-from attnres_megatron import AttnResTransformerConfig, DepthAttention
+from attnres_megatron import DepthAttention
 from attnres_megatron.diagnostics import (
     DepthAttentionRecorder,
     TrainingLogger,
@@ -33,20 +34,8 @@ NAMES_3_LAYERS = ["L1.attn", "L1.mlp", "L2.attn", "L2.mlp", "L3.attn", "L3.mlp",
 
 
 def tiny_model(reseed, randomize: bool) -> torch.nn.Module:
-    config = AttnResTransformerConfig(
-        num_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=48,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        attention_residuals="block",
-        attn_res_block_size=2,
+    config = small_gpt_config(
+        num_layers=3, params_dtype=torch.float32, attention_residuals="block", attn_res_block_size=2
     )
     reseed()
     model = build_gpt_model(config, VOCAB, SEQ, transformer_impl="local")

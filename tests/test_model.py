@@ -6,6 +6,7 @@ import pytest
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from reference_model import attnres_gpt_logits
+from worker_models import small_gpt_config
 
 from attnres_megatron import AttnResGPTModel, AttnResTransformerConfig, DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
@@ -15,19 +16,8 @@ VOCAB, SEQ, BATCH, HEADS = 64, 8, 2, 4
 
 
 def make_config(num_layers: int = 5, **attn_res) -> AttnResTransformerConfig:
-    return AttnResTransformerConfig(
-        num_layers=num_layers,
-        hidden_size=32,
-        num_attention_heads=HEADS,
-        ffn_hidden_size=48,
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        **attn_res,
+    return small_gpt_config(
+        num_layers=num_layers, num_attention_heads=HEADS, params_dtype=torch.float32, **attn_res
     )
 
 

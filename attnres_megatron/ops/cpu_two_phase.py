@@ -127,7 +127,7 @@ class _PhaseTwo(torch.autograd.Function):
             block.eps,
             logits[-1],
             inv_rms[-1],
-            contiguous_rows(like),
+            like,
         )
         ctx.grads, ctx.has_partial = block.grads, partial is not None
         ctx.save_for_backward(query, gain, logits, inv_rms, *blocks, *([partial] if ctx.has_partial else []))

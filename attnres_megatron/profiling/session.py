@@ -12,21 +12,14 @@ from attnres_megatron.profiling.launcher import SPAWNED_MARKER
 from attnres_megatron.profiling.precision import resolve_precision
 from attnres_megatron.profiling.report import build_report
 from attnres_megatron.profiling.runner import profile_variant
-from attnres_megatron.training.arguments import validate_args
-from attnres_megatron.training.distributed import resolve_device, shutdown_parallel
-from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
-from attnres_megatron.training.model_setup import initialize_parallel_from_args
+from attnres_megatron.training.distributed import shutdown_parallel
+from attnres_megatron.training.model_setup import initialize_parallel_from_args, validated_launch
 from attnres_megatron.training.pretrain import training_batches
 
 
 def run_profile(args: argparse.Namespace, argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """Profile every variant in ``args.variants``; rank 0 returns the report, other ranks None."""
-    try:
-        launch = discover_launch_env()
-    except LaunchEnvError as error:
-        raise SystemExit(f"error: {error}") from None
-    validate_args(args, launch.world_size)
-    device = resolve_device(args.device)
+    launch, device = validated_launch(args)
     plan = resolve_precision(args, device)
     initialize_parallel_from_args(args, device, launch)
     try:

@@ -28,8 +28,9 @@ from megatron.core.transformer.module import Float16Module
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
-from attnres_megatron.training.distributed import initialize_parallel
-from attnres_megatron.training.launch_env import LaunchEnv
+from attnres_megatron.training.arguments import validate_args
+from attnres_megatron.training.distributed import initialize_parallel, resolve_device
+from attnres_megatron.training.launch_env import LaunchEnv, LaunchEnvError, discover_launch_env
 
 MOE_FIELDS_FROM_ARGS = (
     "moe_router_topk",
@@ -120,6 +121,17 @@ def virtual_stages(args: argparse.Namespace):
     """Megatron's virtual pipeline size (None unless interleaving)."""
     vpp = args.num_virtual_stages_per_pipeline_rank
     return vpp if vpp and vpp > 1 else None
+
+
+def validated_launch(args: argparse.Namespace) -> tuple[LaunchEnv, str]:
+    """The launcher's environment and the resolved device for ``args``, after validating them
+    against the world size (a clear exit, before any process group starts)."""
+    try:
+        launch = discover_launch_env()
+    except LaunchEnvError as error:
+        raise SystemExit(f"error: {error}") from None
+    validate_args(args, launch.world_size)
+    return launch, resolve_device(args.device)
 
 
 def initialize_parallel_from_args(args: argparse.Namespace, device: str, launch: LaunchEnv) -> None:

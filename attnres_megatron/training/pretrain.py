@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 
 from attnres_megatron.pipeline.ledger import get_byte_ledger
 from attnres_megatron.pipeline.schedule import get_forward_backward_func
-from attnres_megatron.training.arguments import parse_args, validate_args
+from attnres_megatron.training.arguments import parse_args
 from attnres_megatron.training.checkpointing import (
     CheckpointError,
     describe_load,
@@ -31,14 +31,14 @@ from attnres_megatron.training.data import (
     build_datasets,
     default_corpus_prefix,
 )
-from attnres_megatron.training.distributed import resolve_device, shutdown_parallel
-from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
+from attnres_megatron.training.distributed import shutdown_parallel
 from attnres_megatron.training.model_setup import (
     TrainingSetup,
     config_from_args,
     initialize_parallel_from_args,
     run_schedule,
     setup_training,
+    validated_launch,
     virtual_stages,
 )
 from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
@@ -93,12 +93,7 @@ def reduced_loss(outputs: list[dict]) -> float:
 
 def train(args: argparse.Namespace) -> dict:
     """Validate everything, start the process groups, run the training loop."""
-    try:
-        launch = discover_launch_env()
-    except LaunchEnvError as error:
-        raise SystemExit(f"error: {error}") from None
-    validate_args(args, launch.world_size)
-    device = resolve_device(args.device)
+    launch, device = validated_launch(args)
     try:
         config = config_from_args(args, device)
     except ValueError as error:

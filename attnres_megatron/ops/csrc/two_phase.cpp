@@ -135,7 +135,7 @@ torch::Tensor phase_two_forward(torch::Tensor partial, torch::Tensor o, torch::T
                                 torch::Tensor u, double eps, torch::Tensor lp, torch::Tensor rp,
                                 torch::Tensor like) {
   const int64_t h = like.size(-1), T = like.numel() / h;
-  auto out = torch::empty_like(like);
+  auto out = torch::empty(like.sizes(), like.options());  // contiguous, whatever like's strides
   const bool has_partial = partial.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, like.scalar_type(), "attnres_phase_two", [&] {
     using acc_t = at::opmath_type<scalar_t>;
