@@ -8,13 +8,19 @@ import os
 # included) imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import socket  # noqa: E402
+import importlib.util  # noqa: E402
+import socket
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
+
+if importlib.util.find_spec("triton") is not None:
+    from triton_rounding import install_nearest_rounding
+
+    install_nearest_rounding()  # the interpreter rounds fp32 -> bf16 as GPUs do
 
 
 def free_port() -> int:
