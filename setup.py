@@ -1,10 +1,19 @@
 """attnres-megatron: Attention Residuals for Megatron-Core."""
 
+import runpy
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# One place decides the tested megatron-core range; the package refuses others at import.
+VERSIONS = runpy.run_path(str(ROOT / "attnres_megatron" / "compat" / "versions.py"))
+MEGATRON_CORE = VERSIONS["MEGATRON_CORE_REQUIREMENT"]
+# Ranges megatron-core 0.16 itself declares for its optional dependencies; Triton 3.5's CPU
+# interpreter crashes on the fused kernels, 3.6 to 3.9 are tested.
+TRANSFORMER_ENGINE = "transformer-engine[pytorch]>=2.9.0a0,<2.12.0"
+FLA = "flash-linear-attention~=0.4.0"
+TRITON = "triton>=3.6,<3.10"
 
 setup(
     name="attnres-megatron",
@@ -22,19 +31,20 @@ setup(
         # CPU machines install the pinned CPU build first (constraints/cpu.txt); GPU
         # machines keep the CUDA build of torch they already have.
         "torch>=2.6",
-        "megatron-core==0.16.1",
+        MEGATRON_CORE,
         "numpy",
+        "packaging",  # the megatron-core version check
         "psutil",  # Megatron-Core's distributed checkpointing
     ],
     extras_require={
-        "te": ["transformer-engine[pytorch]"],
+        "te": [TRANSFORMER_ENGINE],
         "mpi": ["mpi4py"],
         "tensorboard": ["tensorboard", "matplotlib"],
-        "triton": ["triton"],
+        "triton": [TRITON],
         "cpu-kernels": ["ninja"],  # builds the fused C++ CPU kernels on first use
-        "fla": ["flash-linear-attention"],
+        "fla": [FLA],
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
-        "test": ["pytest", "ninja", "pytest-timeout", "ruff", "tensorboard", "matplotlib", "triton", "tqdm"],
+        "test": ["pytest", "ninja", "pytest-timeout", "ruff", "tensorboard", "matplotlib", TRITON, "tqdm"],
     },
     entry_points={
         "console_scripts": [

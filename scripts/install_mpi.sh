@@ -2,7 +2,8 @@
 # Install OpenMPI (mpirun + headers) and mpi4py so attnres-pretrain can run under mpirun; idempotent.
 # Needs: Debian/Ubuntu apt-get (root, or sudo) when mpirun is missing; pip for mpi4py.
 # Runs:  apt-get install openmpi-bin libopenmpi-dev only if `mpirun` is not on PATH, then
-#        pip install mpi4py only if it does not import. About a second when all is present.
+#        pip install mpi4py (the locked version without CUDA) only if it does not import.
+#        About a second when all is present.
 # Usage: bash scripts/install_mpi.sh        (PYTHON=/path/to/python picks the interpreter)
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
@@ -40,7 +41,7 @@ fi
 
 if ! "$PYTHON" -c "import mpi4py" >/dev/null 2>&1; then
   echo "Installing mpi4py (pip install mpi4py) ..."
-  quiet env PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check mpi4py
+  quiet env PYTHON="$PYTHON" bash "$(dirname "$0")/pip_install.sh" mpi4py
 fi
 
 echo "mpirun: $(command -v mpirun) ($(mpirun --version 2>/dev/null | head -n 1))"

@@ -13,22 +13,9 @@
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
-SUPPORTED_MEGATRON_CORE = ("0.16",)
+from attnres_megatron.compat.versions import check_megatron_core_version
 
 _APPLIED = False
-
-
-def check_megatron_core_version() -> str:
-    """Return megatron-core's version, refusing releases this plugin was not built for."""
-    installed = version("megatron-core")
-    if not installed.startswith(SUPPORTED_MEGATRON_CORE):
-        raise RuntimeError(
-            f"attnres-megatron supports megatron-core {', '.join(SUPPORTED_MEGATRON_CORE)}.x; "
-            f"found {installed}. Install megatron-core==0.16.1."
-        )
-    return installed
 
 
 def apply_megatron_fixes() -> None:

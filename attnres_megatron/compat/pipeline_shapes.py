@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from attnres_megatron.compat.megatron_fixes import check_megatron_core_version
+from attnres_megatron.compat.versions import check_megatron_core_version
 
 
 class PipelineShapeError(RuntimeError):

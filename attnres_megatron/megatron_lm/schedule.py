@@ -17,7 +17,7 @@ def use_attnres_schedule() -> bool:
         return False
     from megatron.core import pipeline_parallel
 
-    from attnres_megatron.compat.megatron_fixes import check_megatron_core_version
+    from attnres_megatron.compat.versions import check_megatron_core_version
     from attnres_megatron.pipeline import schedule
 
     current = getattr(training, "get_forward_backward_func", None)
