@@ -44,7 +44,17 @@ setup(
         "cpu-kernels": ["ninja"],  # builds the fused C++ CPU kernels on first use
         "fla": [FLA],
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
-        "test": ["pytest", "ninja", "pytest-timeout", "ruff", "tensorboard", "matplotlib", TRITON, "tqdm"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "ninja",
+            "tensorboard",
+            "matplotlib",
+            TRITON,
+            "tqdm",
+            "jsonschema",  # the profiler report is validated by jsonschema and the built-in checker
+        ],
     },
     entry_points={
         "console_scripts": [

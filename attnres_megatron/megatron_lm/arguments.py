@@ -9,6 +9,7 @@ from typing import Any, Optional
 from attnres_megatron.config import resolve_sublayers_per_block
 from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
 from attnres_megatron.training.arguments import add_attn_res_args, add_model_arg
+from attnres_megatron.training.quiet import add_verbose_warnings_arg
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -45,6 +46,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add_attn_res_args(parser)
     add_model_arg(parser.add_argument_group("attention residuals: model family"))
     _check_after_parsing(parser)
+    return parser
+
+
+def driver_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--verbose-warnings`` of the no-patch driver (``pretrain_gpt_attnres``), which filters warnings."""
+    add_verbose_warnings_arg(parser.add_argument_group("attnres-megatron driver"))
     return parser
 
 

@@ -19,12 +19,17 @@ import sys
 from functools import partial
 from types import ModuleType
 
-from attnres_megatron.megatron_lm.arguments import chain_args_providers, extra_args_provider
+from attnres_megatron.megatron_lm.arguments import (
+    chain_args_providers,
+    driver_args_provider,
+    extra_args_provider,
+)
 from attnres_megatron.megatron_lm.provider import (
     MEGATRON_LM_MISSING,
     MegatronLMNotFoundError,
     model_provider_or,
 )
+from attnres_megatron.training.quiet import optional_packages_line, quiet_start
 
 SUPPORTED_MEGATRON_LM = (0, 16)
 _SCRIPT_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
@@ -63,12 +68,21 @@ def load_pretrain_gpt() -> ModuleType:
         ) from error
 
 
+def announce_missing_packages() -> None:
+    """The one optional-packages line, on global rank 0 (before Megatron-LM starts its groups)."""
+    missing = optional_packages_line()
+    if missing and os.environ.get("RANK", "0") == "0":
+        print(f"> {missing}", flush=True)
+
+
 def main() -> None:
     """Run Megatron-LM's GPT pretraining with the AttnRes argument and model providers."""
+    quiet_start()  # also done on import of the package when started as this module
     try:
         lm = load_pretrain_gpt()
     except MegatronLMNotFoundError as error:
         raise SystemExit(f"error: {error}") from None
+    announce_missing_packages()
     from megatron.core.enums import ModelType
     from megatron.training import inprocess_restart, pretrain
 
@@ -81,7 +95,7 @@ def main() -> None:
         ModelType.encoder_or_decoder,
         lm.forward_step,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=chain_args_providers(extra_args_provider, modelopt_args),
+        extra_args_provider=chain_args_providers(extra_args_provider, driver_args_provider, modelopt_args),
         store=store,
         get_embedding_ranks=lm.get_embedding_ranks,
     )

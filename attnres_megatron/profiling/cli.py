@@ -16,6 +16,7 @@ from attnres_megatron.profiling.precision import resolve_precision
 from attnres_megatron.profiling.schema import validate_report
 from attnres_megatron.training.distributed import resolve_device
 from attnres_megatron.training.launch_env import LaunchEnvError, discover_launch_env
+from attnres_megatron.training.quiet import hide_cpu_advice, optional_packages_line, quiet_start
 
 
 def write_outputs(report: dict[str, Any], directory: Path, plots: bool = True) -> list[Path]:
@@ -53,6 +54,7 @@ def _summary(report: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, start workers if needed, profile, write and summarise the report (rank 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_start(argv)  # also done on import of the package when started as attnres-profile
     args = parse_profile_args(argv)
     try:
         launch = discover_launch_env()
@@ -63,6 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolve_precision(copy.copy(args), resolve_device(args.device))  # refuse FP8 before any worker
 
         return spawn_workers(argv, world_size, args.device)
+    hide_cpu_advice(resolve_device(args.device), args.verbose_warnings)
+    missing = optional_packages_line()
+    if missing and launch.rank == 0:
+        print(f"> {missing}", flush=True)
     from attnres_megatron.profiling.session import run_profile
 
     report = run_profile(args, argv)

@@ -14,6 +14,7 @@ from attnres_megatron.models.specs import (
     TRANSFORMER_IMPLS,
     resolve_transformer_impl,
 )
+from attnres_megatron.training.quiet import add_verbose_warnings_arg
 
 MODEL_CHOICES = ("gpt", *sorted(KIMI_PRESETS))
 ATTN_RES_WEIGHT_DECAY_WORDS = ("none", "default")
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="No progress bar (one is drawn on the logging rank when stdout is a terminal and tqdm "
         "is installed).",
     )
+    add_verbose_warnings_arg(run_logging)
 
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--save", default=None, help="Directory for distributed checkpoints.")

@@ -42,6 +42,7 @@ from attnres_megatron.training.model_setup import (
     virtual_stages,
 )
 from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
+from attnres_megatron.training.quiet import hide_cpu_advice, optional_packages_line, quiet_start
 
 
 def log(message: str) -> None:
@@ -94,6 +95,7 @@ def reduced_loss(outputs: list[dict]) -> float:
 def train(args: argparse.Namespace) -> dict:
     """Validate everything, start the process groups, run the training loop."""
     launch, device = validated_launch(args)
+    hide_cpu_advice(device, args.verbose_warnings)
     try:
         config = config_from_args(args, device)
     except ValueError as error:
@@ -171,6 +173,9 @@ class TerminationRequest:
 
 
 def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> dict:
+    missing = optional_packages_line()
+    if missing:
+        log(f"> {missing}")
     log(_describe(args, setup, device, launcher))
     data = training_batches(args, device)
     start_iteration = 0
@@ -353,6 +358,7 @@ def pipeline_traffic(setup: TrainingSetup) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    quiet_start(argv)  # also done on import of the package when started as attnres-pretrain
     train(parse_args(argv))
     return 0
 
