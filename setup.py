@@ -14,6 +14,10 @@ MEGATRON_CORE = VERSIONS["MEGATRON_CORE_REQUIREMENT"]
 TRANSFORMER_ENGINE = "transformer-engine[pytorch]>=2.9.0a0,<2.12.0"
 FLA = "flash-linear-attention~=0.4.0"
 TRITON = "triton>=3.6,<3.10"
+# Megatron-Core's tokenizer libraries (megatron.core.tokenizers): Hugging Face (tokenizer.json or a
+# pretrained directory, through transformers' AutoTokenizer; no torch extras), tiktoken and
+# SentencePiece. The default byte-level tokenizer needs none of them.
+TOKENIZERS = ["transformers", "tokenizers", "sentencepiece", "tiktoken"]
 
 setup(
     name="attnres-megatron",
@@ -44,6 +48,7 @@ setup(
         "cpu-kernels": ["ninja"],  # builds the fused C++ CPU kernels on first use
         "fla": [FLA],
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
+        "tokenizers": TOKENIZERS,  # --tokenizer-type HuggingFaceTokenizer / TikTokenizer / SentencePiece
         "test": [
             "pytest",
             "pytest-timeout",
@@ -54,6 +59,7 @@ setup(
             TRITON,
             "tqdm",
             "jsonschema",  # the profiler report is validated by jsonschema and the built-in checker
+            *TOKENIZERS,
         ],
     },
     entry_points={

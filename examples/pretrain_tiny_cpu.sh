@@ -20,11 +20,23 @@ SEQ_LENGTH="${SEQ_LENGTH:-128}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-100}"
 LR="${LR:-3e-3}"
+MIN_LR="${MIN_LR:-3e-4}"
+WARMUP="${WARMUP:-10}"
 ATTN_RES="${ATTN_RES:-block}"                 # none | block | full
 ATTN_RES_NUM_BLOCKS="${ATTN_RES_NUM_BLOCKS:-4}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
 
 read -r -a pretrain <<<"$PRETRAIN"
+# attnres-pretrain's model flags are Megatron-LM's; its defaults (GeLU with biases, LayerNorm,
+# learned positions, tied output weights, dropout 0.1) are Megatron-LM's too. This example
+# builds a Llama-style model: SwiGLU without biases, RMSNorm, RoPE, untied output weights, no
+# dropout, MLP width 4 x hidden, trained with AdamW (beta2 0.95, weight decay 0.1), warmup and
+# cosine decay to a tenth of the peak learning rate.
+model=(--swiglu --disable-bias-linear --normalization RMSNorm --position-embedding-type rope
+  --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+  --ffn-hidden-size "$((4 * HIDDEN_SIZE))")
+schedule=(--lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --lr-decay-style cosine
+  --weight-decay 0.1 --adam-beta2 0.95)
 attn_res=(--attention-residuals "$ATTN_RES")
 if [ "$ATTN_RES" = "block" ]; then
   attn_res+=(--attn-res-num-blocks "$ATTN_RES_NUM_BLOCKS")
@@ -34,5 +46,5 @@ set -x
 exec "${pretrain[@]}" --device "$DEVICE" \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --train-iters "$TRAIN_ITERS" \
-  --lr "$LR" --log-interval "$LOG_INTERVAL" \
+  "${model[@]}" "${schedule[@]}" --log-interval "$LOG_INTERVAL" \
   "${attn_res[@]}" "$@"

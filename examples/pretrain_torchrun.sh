@@ -41,6 +41,8 @@ SEQ_LENGTH="${SEQ_LENGTH:-128}"
 MICRO_BATCH="${MICRO_BATCH:-4}"
 TRAIN_ITERS="${TRAIN_ITERS:-50}"
 LR="${LR:-3e-3}"
+MIN_LR="${MIN_LR:-3e-4}"
+WARMUP="${WARMUP:-10}"
 ATTN_RES="${ATTN_RES:-block}"
 ATTN_RES_NUM_BLOCKS="${ATTN_RES_NUM_BLOCKS:-4}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
@@ -62,6 +64,16 @@ if [ "$NUM_EXPERTS" -gt 0 ]; then
 fi
 attn_res=(--attention-residuals "$ATTN_RES")
 if [ "$ATTN_RES" = "block" ]; then attn_res+=(--attn-res-num-blocks "$ATTN_RES_NUM_BLOCKS"); fi
+# attnres-pretrain's model flags are Megatron-LM's; its defaults (GeLU with biases, LayerNorm,
+# learned positions, tied output weights, dropout 0.1) are Megatron-LM's too. This example
+# builds a Llama-style model: SwiGLU without biases, RMSNorm, RoPE, untied output weights, no
+# dropout, MLP width 4 x hidden, trained with AdamW (beta2 0.95, weight decay 0.1), warmup and
+# cosine decay to a tenth of the peak learning rate.
+model=(--swiglu --disable-bias-linear --normalization RMSNorm --position-embedding-type rope
+  --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+  --ffn-hidden-size "$((4 * HIDDEN_SIZE))")
+schedule=(--lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$WARMUP" --lr-decay-style cosine
+  --weight-decay 0.1 --adam-beta2 0.95)
 
 # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process.
 set -x
@@ -69,5 +81,5 @@ exec "$TORCHRUN" ${torchrun_args[@]+"${torchrun_args[@]}"} --nproc-per-node "$NP
   attnres-pretrain --device "$DEVICE" \
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN_SIZE" --num-attention-heads "$NUM_HEADS" \
   --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH" --train-iters "$TRAIN_ITERS" \
-  --lr "$LR" --log-interval "$LOG_INTERVAL" \
+  "${model[@]}" "${schedule[@]}" --log-interval "$LOG_INTERVAL" \
   "${parallel[@]}" ${moe[@]+"${moe[@]}"} "${attn_res[@]}" ${extra[@]+"${extra[@]}"} "$@"

@@ -33,18 +33,19 @@ KIMI_TINY_AS_MEGATRON_LM = (
 ).split()
 TINY_GPT = "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128".split()
 
-# name: (flags shared by both parsers, Megatron-LM-only flags, attnres-pretrain-only flags)
+# name: (flags shared by both parsers, Megatron-LM flags, attnres-pretrain flags); attnres-pretrain
+# takes Megatron-LM's model flags with Megatron-LM's meaning, so both get the same ones.
 SCENARIOS = {
     "gpt_pp2_vpp2_block": (
         [*TINY_GPT, "--attention-residuals", "block", "--attn-res-block-size", "3"]
         + "--pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 2".split(),
         GPT_AS_ATTNRES_PRETRAIN,
-        "--transformer-impl local --seq-length 16".split(),
+        GPT_AS_ATTNRES_PRETRAIN,
     ),
     "kimi_tiny_pp2_uneven": (
         "--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 2".split(),
         KIMI_TINY_AS_MEGATRON_LM,
-        "--model kimi-linear-tiny --transformer-impl local --seq-length 16".split(),
+        KIMI_TINY_AS_MEGATRON_LM,
     ),
 }
 

@@ -4,6 +4,7 @@ warm starts from baseline checkpoints, clear errors, SIGTERM, non-finite steps."
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 from test_distributed_cli import clean_env, pretrain, torchrun
 
 BASE = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(64),
     "--device",
     "cpu",
     "--num-layers",
@@ -46,23 +50,23 @@ def run(launcher, tmp_path: Path, name: str, *args: str) -> dict:
     return data
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
-    full = run(SINGLE, tmp_path, "full", *BLOCK, "--train-iters", "10")
-    first = run(
-        SINGLE,
-        tmp_path,
-        "first",
-        *BLOCK,
-        "--train-iters",
-        "10",
-        "--exit-interval",
-        "6",
-        "--save",
-        str(tmp_path / "ck"),
-    )
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> tuple[dict, Path]:
+    """A 10-iteration run stopped by --exit-interval after iteration 6, and its checkpoint
+    (read, never written, by the tests: the ones that damage it work on a copy)."""
+    tmp_path = tmp_path_factory.mktemp("interrupted")
     ck = tmp_path / "ck"
+    first = run(
+        SINGLE, tmp_path, "first", *BLOCK, "--train-iters", "10", "--exit-interval", "6", "--save", str(ck)
+    )
+    return first, ck
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, interrupted):
+    full = run(SINGLE, tmp_path, "full", *BLOCK, "--train-iters", "10")
+    first, ck = interrupted
     assert f"> checkpoint: {ck} (resume with --load {ck})" in first["stdout"].splitlines()
-    resumed = run(SINGLE, tmp_path, "resumed", *BLOCK, "--train-iters", "10", "--load", str(tmp_path / "ck"))
+    resumed = run(SINGLE, tmp_path, "resumed", *BLOCK, "--train-iters", "10", "--load", str(ck))
     assert resumed["start_iteration"] == 6
     assert resumed["losses"] == full["losses"][6:]  # bitwise
 
@@ -110,16 +114,19 @@ def test_attn_res_warm_starts_from_a_baseline_checkpoint(tmp_path):
     assert warm["start_iteration"] == 0
 
 
-def test_bad_checkpoints_fail_before_training(tmp_path):
-    empty = pretrain(SINGLE, *BASE, *BLOCK, "--train-iters", "4", "--load", str(tmp_path))
-    assert empty.returncode != 0 and "latest_checkpointed_iteration.txt" in empty.stderr
+def test_a_load_directory_without_a_checkpoint_is_refused_before_any_work(tmp_path, pretrain_refusal):
+    message = pretrain_refusal([*BASE, *BLOCK, "--train-iters", "4", "--load", str(tmp_path)])
+    assert "latest_checkpointed_iteration.txt" in message
+
+
+def test_bad_checkpoints_fail_before_training(tmp_path, interrupted):
     ck = tmp_path / "ck"
-    run(SINGLE, tmp_path, "save", *BLOCK, "--train-iters", "3", "--save", str(ck))
-    wider = pretrain(SINGLE, *BASE, *BLOCK, "--hidden-size", "128", "--train-iters", "4", "--load", str(ck))
+    shutil.copytree(interrupted[1], ck)
+    wider = pretrain(SINGLE, *BASE, *BLOCK, "--hidden-size", "128", "--train-iters", "10", "--load", str(ck))
     assert wider.returncode != 0 and "iteration " not in wider.stdout
-    for shard in (ck / "iter_0000003").glob("*.distcp"):
+    for shard in (ck / "iter_0000006").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])  # truncate
-    broken = pretrain(SINGLE, *BASE, *BLOCK, "--train-iters", "4", "--load", str(ck))
+    broken = pretrain(SINGLE, *BASE, *BLOCK, "--train-iters", "10", "--load", str(ck))
     assert broken.returncode != 0 and "incomplete or corrupted" in broken.stderr
     assert " iteration " not in broken.stdout
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,11 +65,11 @@ def test_low_precision_close_to_fp64(dtype, tol):
 
 def test_backward_is_bitwise_deterministic_and_thread_count_independent():
     sources, query, gain, grad = inputs(5, torch.float32, shape=(300, 2, 64), seed=9)
-    threads = torch.get_num_threads()
-    runs = [value_and_grads(aggregate_cpu_fused, sources, query, gain, grad)[1] for _ in range(2)]
-    try:
-        torch.set_num_threads(1)
-        runs.append(value_and_grads(aggregate_cpu_fused, sources, query, gain, grad)[1])
+    threads, runs = torch.get_num_threads(), []
+    try:  # twice with every core (at least two threads), then with one thread
+        for count in (max(2, os.cpu_count() or 1),) * 2 + (1,):
+            torch.set_num_threads(count)
+            runs.append(value_and_grads(aggregate_cpu_fused, sources, query, gain, grad)[1])
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:

@@ -16,7 +16,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from attnres_megatron.training import data
-from attnres_megatron.training.tokenizers import ByteTokenizer, load_tokenizer
+from attnres_megatron.training.tokenizers import TokenizerError, build_tokenizer, tokenizer_args
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -60,15 +60,15 @@ def make_prefix(tmp_path: Path, name: str, count: int, seed: int) -> str:
 
 
 def test_tokenizers() -> None:
-    tok = load_tokenizer("byte")
-    assert (tok.vocab_size, tok.eod) == (256, 0)
+    tok = build_tokenizer()  # the default: Megatron-Core's byte-level tokenizer, NUL ends a document
+    assert (tok.tokenizer_type, tok.vocab_size, tok.eod) == ("ByteLevelTokenizer", 256, 0)
     assert tok.tokenize("hé") == list("hé".encode())
     assert tok.detokenize(tok.tokenize("hé")) == "hé"
-    wide = load_tokenizer("byte-eod256")
-    assert (wide.vocab_size, wide.eod) == (257, 256)
-    assert wide.detokenize([104, 105, 256]) == "hi"
-    with pytest.raises(FileNotFoundError, match="neither 'byte'"):
-        load_tokenizer("/nonexistent/tokenizer.json")
+    wide = build_tokenizer(tokenizer_args(vocab_size=257))
+    assert (wide.vocab_size, wide.eod) == (257, 0)
+    missing = tokenizer_args(tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/nonexistent/t.json")
+    with pytest.raises(TokenizerError, match="--tokenizer-model /nonexistent/t.json: no such file"):
+        build_tokenizer(missing)
 
 
 def test_preprocess_roundtrip_text_and_jsonl(tmp_path: Path) -> None:
@@ -99,8 +99,8 @@ def test_preprocess_roundtrip_text_and_jsonl(tmp_path: Path) -> None:
                 "--output-prefix",
                 split_prefix,
                 "--split-lines",
-                "--tokenizer",
-                "byte-eod256",
+                "--vocab-size",
+                "257",
                 "--quiet",
             ]
         )
@@ -108,10 +108,7 @@ def test_preprocess_roundtrip_text_and_jsonl(tmp_path: Path) -> None:
     )
     lines = IndexedDataset(split_prefix)
     assert lines.index.dtype == np.uint16
-    assert [lines[i].tolist() for i in range(len(lines))] == [
-        list(b"line one") + [256],
-        list(b"line two") + [256],
-    ]
+    assert [lines[i].tolist() for i in range(len(lines))] == [list(b"line one\0"), list(b"line two\0")]
 
 
 def test_preprocess_workers_match_serial(tmp_path: Path) -> None:
@@ -126,7 +123,7 @@ def test_preprocess_workers_match_serial(tmp_path: Path) -> None:
     assert (tmp_path / "s.idx").read_bytes() == (tmp_path / "p.idx").read_bytes()
 
 
-def test_preprocess_errors(tmp_path: Path) -> None:
+def test_preprocess_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(data.DataError, match="missing.txt"):
         preprocess_data.preprocess([str(tmp_path / "missing.txt")], str(tmp_path / "x"), progress=False)
     bad = tmp_path / "bad.jsonl"
@@ -141,6 +138,15 @@ def test_preprocess_errors(tmp_path: Path) -> None:
     with pytest.raises(data.DataError, match="No documents"):
         preprocess_data.preprocess([str(tmp_path / "empty.txt")], str(tmp_path / "x"), progress=False)
     assert not list(tmp_path.glob("x.*"))  # nothing half-written is left behind
+    argv = ["--input", str(bad), "--output-prefix", str(tmp_path / "x"), "--quiet"]
+    assert preprocess_data.main(argv) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_the_tool_exits_2_on_bad_input(tmp_path: Path) -> None:
+    """End to end, once: the script itself exits with status 2 and the message."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
     result = subprocess.run(
         [
             sys.executable,
@@ -233,7 +239,7 @@ def test_default_corpus_cache(cache_dir: Path) -> None:
     dataset = IndexedDataset(prefix)
     files = data._corpus_files(300_000)
     assert len(dataset) == len(files) >= 1
-    assert dataset[0].tolist() == list(files[0].read_bytes()) + [ByteTokenizer().eod]
+    assert dataset[0].tolist() == list(files[0].read_bytes()) + [build_tokenizer().eod]
     stamps = (bin_path.stat().st_mtime_ns, idx_path.stat().st_mtime_ns)
     os.environ.pop(data.CACHE_ENV)  # the explicit argument names the same root
     assert data.default_corpus_prefix(cache_dir, max_bytes=300_000) == prefix

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 from worker_models import small_gpt_config
 
 from attnres_megatron import DepthAttention
@@ -190,30 +191,39 @@ def test_tensorboard_logger_writes_events(tmp_path):
     }
     with TrainingLogger(str(tmp_path)) as logger:
         for step in (1, 2):
-            logger.log_scalars(step, loss=3.0 / step, lr=1e-3, grad_norm=0.5, tokens_per_second=1000.0)
+            logger.log_training(step, 8 * step, 1e-3, 8, 3.0 / step, 1.0, 0.5)
             logger.log_layer_stats(step, output_rms(snapshot), {"L1": 0.25, 2: 0.125}, image=step == 2)
+        logger.log_timing(2, 0.25, 1000.0)
+        logger.log_evaluation(2, 16, 2.0, math.exp(2.0))
+        logger.log_evaluation(2, 16, 2.5, math.exp(2.5), split="test")
         logger.log_depth_heatmap(2, snapshot)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
+    megatron = ["learning-rate", "batch-size", "lm loss", "loss-scale", "grad-norm", "lm loss validation"]
+    megatron += ["lm loss validation ppl", "lm loss test", "lm loss test ppl"]
     expected = {
-        "train/loss",
-        "train/lr",
-        "train/grad_norm",
-        "train/tokens_per_second",
-        "depth/output_rms/L1.attn",
-        "depth/output_rms/L1.mlp",
-        "depth/output_rms/final",
-        "depth/grad_norm/L1",
-        "depth/grad_norm/L2",
+        *megatron,
+        *(f"{tag} vs samples" for tag in megatron),
+        "iteration-time",
+        "tokens-per-second",
+        "attn_res/output_rms/L1.attn",
+        "attn_res/output_rms/L1.mlp",
+        "attn_res/output_rms/final",
+        "attn_res/grad_norm/L1",
+        "attn_res/grad_norm/L2",
     }
-    assert expected <= scalars
-    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([3.0, 1.5])
-    assert {"depth/attention_weights", "depth/layer_stats"} <= set(events.Tags()["images"])
+    assert scalars == expected
+    assert [e.value for e in events.Scalars("lm loss")] == pytest.approx([3.0, 1.5])
+    by_samples = events.Scalars("lm loss vs samples")
+    assert [e.step for e in by_samples] == [8, 16]
+    assert [e.value for e in by_samples] == pytest.approx([3.0, 1.5])
+    assert [e.value for e in events.Scalars("lm loss validation ppl")] == pytest.approx([math.exp(2.0)])
+    assert {"attn_res/depth_attention_weights", "attn_res/layer_stats"} == set(events.Tags()["images"])
 
     disabled = TrainingLogger(None)
-    disabled.log_scalars(1, loss=1.0)
+    disabled.log_training(1, 8, 1e-3, 8, 1.0, 1.0, 0.5)
     disabled.close()
     assert not disabled.enabled
 
@@ -270,6 +280,8 @@ def test_plot_tool_random_init_demo(tmp_path):
 
 
 TRAINED = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(32),
     "--device",
     "cpu",
     "--num-layers",

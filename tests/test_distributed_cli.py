@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 from conftest import free_port
 
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(64),
     "--device",
     "cpu",
     "--num-layers",
@@ -152,6 +155,7 @@ def test_torchrun_interleaved_pipeline_trains_and_reports_cached_traffic(tmp_pat
 
 
 KIMI_TINY = [
+    *PRE_MEGATRON_DEFAULTS,
     "--device",
     "cpu",
     "--model",
@@ -206,32 +210,47 @@ def test_mpirun_four_processes_runs_tiny_pretraining(tmp_path, single_process_lo
     assert parallel == pytest.approx(single_process_losses, rel=2e-4)
 
 
-@pytest.mark.parametrize(
-    "args, env, message",
-    [
-        (
-            ["--tensor-model-parallel-size", "2"],
-            dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
-            "does not divide the world size 3",
-        ),
-        (["--sequence-parallel"], {}, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-        (
-            [*MOE[:2], "--expert-model-parallel-size", "3"],
-            dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
-            "--num-experts 4 is not divisible",
-        ),
-        (["--expert-model-parallel-size", "2"], {}, "needs --num-experts"),
-        (
-            ["--context-parallel-size", "2"],
-            dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
-            "Transformer Engine attention",
-        ),
-        (["--global-batch-size", "3"], {}, "--global-batch-size 3 must be a multiple"),
-        ([], dict(RANK="0"), "WORLD_SIZE"),
-    ],
-    ids=["world", "sp_without_tp", "experts_vs_ep", "ep_without_moe", "cp_local", "batch", "launcher_env"],
-)
-def test_bad_input_fails_before_any_work(args, env, message):
+BAD_INPUT = [
+    (
+        ["--tensor-model-parallel-size", "2"],
+        dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        "does not divide the world size 3",
+    ),
+    (["--sequence-parallel"], {}, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (
+        [*MOE[:2], "--expert-model-parallel-size", "3"],
+        dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        "--num-experts 4 is not divisible",
+    ),
+    (["--expert-model-parallel-size", "2"], {}, "needs --num-experts"),
+    (
+        ["--context-parallel-size", "2"],
+        dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        "Transformer Engine attention",
+    ),
+    (["--global-batch-size", "3"], {}, "--global-batch-size 3 must be a multiple"),
+    ([], dict(RANK="0"), "WORLD_SIZE"),
+]
+BAD_INPUT_IDS = [
+    "world",
+    "sp_without_tp",
+    "experts_vs_ep",
+    "ep_without_moe",
+    "cp_local",
+    "batch",
+    "launcher_env",
+]
+
+
+@pytest.mark.parametrize("args, env, message", BAD_INPUT, ids=BAD_INPUT_IDS)
+def test_bad_input_fails_before_any_work(pretrain_refusal, args, env, message):
+    """attnres-pretrain's main() in-process under each launcher environment (conftest.py)."""
+    assert message in pretrain_refusal([*TINY, *args], env)
+
+
+def test_the_cli_refuses_bad_input_before_any_work():
+    """End to end, once: the real command exits non-zero with the message and trains nothing."""
+    args, env, message = BAD_INPUT[0]
     result = pretrain([sys.executable], *TINY, *args, env=clean_env(**env))
     assert result.returncode != 0
     assert message in result.stderr + result.stdout

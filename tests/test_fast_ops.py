@@ -237,11 +237,11 @@ def test_two_phase_cpp_backward_is_bitwise_deterministic_across_thread_counts() 
     def grads() -> tuple[Tensor, ...]:
         return torch.autograd.grad(_mix_all(blocks, queries, gains, partials), leaves, upstream)
 
-    threads = torch.get_num_threads()
-    runs = [grads(), grads()]
-    try:
-        torch.set_num_threads(1)
-        runs.append(grads())
+    threads, runs = torch.get_num_threads(), []
+    try:  # twice with every core (at least two threads), then with one thread
+        for count in (max(2, os.cpu_count() or 1),) * 2 + (1,):
+            torch.set_num_threads(count)
+            runs.append(grads())
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:

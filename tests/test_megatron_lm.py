@@ -231,7 +231,6 @@ def test_provider_builds_what_attnres_pretrain_builds(case, single_rank, reseed)
     shared = CASES[case]
     kimi = case.startswith("kimi")
     megatron_only = KIMI_TINY_AS_MEGATRON_LM if kimi else GPT_AS_ATTNRES_PRETRAIN
-    attnres_only = ["--model", "kimi-linear-tiny"] if kimi else []
     args = megatron_lm_args([*shared, *megatron_only])
     reseed()
     [ours] = (
@@ -240,9 +239,7 @@ def test_provider_builds_what_attnres_pretrain_builds(case, single_rank, reseed)
         else [megatron_lm.model_provider(args=args)]
     )
     reseed()
-    [theirs] = attnres_pretrain_chunks(
-        [*shared, *attnres_only, "--transformer-impl", "local", "--seq-length", "16"]
-    )
+    [theirs] = attnres_pretrain_chunks([*shared, *megatron_only])  # the same command line
     assert type(ours.config) is type(theirs.config)
     assert ours.config.attention_residuals == theirs.config.attention_residuals
     assert ours.config.attn_res_sublayers_per_block == theirs.config.attn_res_sublayers_per_block

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(64),
     "--device",
     "cpu",
     "--num-layers",
@@ -66,16 +69,23 @@ def test_pretrain_20_steps_loss_decreases(tmp_path, mode):
     assert summary["tokens_per_second"] > 0
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--attention-residuals", "block"], "--attn-res-num-blocks"),
-        (["--attention-residuals", "block", "--attn-res-block-size", "99"], "--attn-res-block-size"),
-        (["--hidden-size", "30"], "--num-attention-heads"),
-        (["--train-iters", "0"], "--train-iters"),
-    ],
-)
-def test_bad_flags_fail_before_training(args, message):
+BAD_FLAGS = [
+    (["--attention-residuals", "block"], "--attn-res-num-blocks"),
+    (["--attention-residuals", "block", "--attn-res-block-size", "99"], "--attn-res-block-size"),
+    (["--hidden-size", "30"], "--num-attention-heads"),
+    (["--train-iters", "0"], "--train-iters"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_FLAGS)
+def test_bad_flags_fail_before_training(pretrain_refusal, args, message):
+    """attnres-pretrain's main() in-process: parsing, validation and the model config (conftest.py)."""
+    assert message in pretrain_refusal([*TINY, "--train-iters", "5", *args])
+
+
+def test_the_cli_refuses_bad_flags_before_training():
+    """End to end, once: the real command exits non-zero with the message and trains nothing."""
+    args, message = BAD_FLAGS[1]  # refused by the model config, after the argument checks
     result = run_cli(*TINY, "--train-iters", "5", *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
@@ -107,9 +117,9 @@ def test_tensorboard_diagnostics_and_wsd_schedule(tmp_path):
     events = EventAccumulator(str(board))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second"} <= scalars
-    assert {"depth/output_rms/L1.attn", "depth/output_rms/final", "depth/grad_norm/L1"} <= scalars
-    assert "depth/attention_weights" in events.Tags()["images"]
-    lrs = [event.value for event in events.Scalars("train/lr")]
+    assert {"lm loss", "learning-rate", "grad-norm", "iteration-time", "tokens-per-second"} <= scalars
+    assert {"attn_res/output_rms/L1.attn", "attn_res/output_rms/final", "attn_res/grad_norm/L1"} <= scalars
+    assert "attn_res/depth_attention_weights" in events.Tags()["images"]
+    lrs = [event.value for event in events.Scalars("learning-rate")]
     assert lrs[3:7] == pytest.approx([3e-3] * 4)  # stable phase at the peak
     assert lrs[-1] < lrs[6]  # final decay

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
 from attnres_megatron.profiling import nvtx, precision
 from attnres_megatron.profiling.memory import SavedActivationTracker, storage_key
@@ -21,6 +22,8 @@ from attnres_megatron.profiling.variants import variant_args
 
 LAYERS, HIDDEN, SEQ, MICRO_BATCH = 2, 64, 32, 2
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(HIDDEN),
     "--device",
     "cpu",
     "--num-layers",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
 from attnres_megatron.training import progress
 from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
@@ -100,6 +101,8 @@ def run_in_terminal(*args: str, timeout: float = 300) -> str:
 
 
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(32),
     "--device",
     "cpu",
     "--num-layers",

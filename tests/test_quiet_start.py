@@ -10,10 +10,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
 from attnres_megatron.training import quiet
 
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
+    *old_ffn(32),
     "--device",
     "cpu",
     "--num-layers",
@@ -61,7 +64,7 @@ def run_pretrain(*args: str) -> str:
 def before_first_iteration(output: str) -> list[str]:
     """The lines printed before the first iteration log line."""
     lines = output.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.lstrip().startswith("iteration "))
+    first = next(i for i, line in enumerate(lines) if "| consumed samples:" in line)
     return lines[:first]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attnres_defaults import PRE_MEGATRON_DEFAULTS
 
 from attnres_megatron.training.arguments import build_parser, validate_args
 from attnres_megatron.training.model_setup import config_from_args, setup_training
@@ -11,6 +12,7 @@ from attnres_megatron.training.model_setup import config_from_args, setup_traini
 GLOBAL_WD = 0.1
 VOCAB = 64
 TINY = [
+    *PRE_MEGATRON_DEFAULTS,
     "--num-layers",
     "2",
     "--hidden-size",

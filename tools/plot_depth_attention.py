@@ -1,7 +1,8 @@
 """Plot which earlier representations each AttnRes sublayer attends to (a depth heatmap).
 
-Runs one forward pass on a batch of the built-in byte corpus (Python standard-library
-sources) with a :class:`~attnres_megatron.diagnostics.DepthAttentionRecorder` attached,
+Runs one forward pass on a batch of the built-in corpus (Python standard-library sources,
+tokenized with the run's tokenizer; the model's vocabulary is the one saved with the run's
+arguments) with a :class:`~attnres_megatron.diagnostics.DepthAttentionRecorder` attached,
 prints the mean softmax weight of every source at every sublayer, and writes a PNG.
 
 Inputs (one of):
@@ -90,17 +91,36 @@ def start_single_process(seed: int) -> None:
     initialize_parallel("cpu", seed)
 
 
+def saved_before_megatron_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """The fixed model of runs saved before attnres-pretrain took Megatron-LM's flags (no ``swiglu``
+    key; also the demo model): SwiGLU MLP 4 x hidden wide, no biases, untied output weights, GQA
+    when groups were given, RMSNorm and RoPE unless saved."""
+    if "swiglu" in saved or saved.get("model", "gpt") != "gpt":
+        return {}
+    return dict(
+        swiglu=True,
+        add_bias_linear=False,
+        untie_embeddings_and_output_weights=True,
+        group_query_attention=saved.get("num_query_groups") is not None,
+        ffn_hidden_size=saved.get("ffn_hidden_size") or 4 * saved.get("hidden_size", 128),
+        normalization=saved.get("normalization", "RMSNorm"),
+        position_embedding_type=saved.get("position_embedding_type", "rope"),
+    )
+
+
 def model_args(saved: dict[str, Any]) -> argparse.Namespace:
     """``attnres-pretrain`` defaults updated with ``saved``, made single-process and fp32."""
     from attnres_megatron.training.arguments import build_parser
 
     args = build_parser().parse_args([])
-    unknown = sorted(set(saved) - set(vars(args)))
+    saved = {**saved, **saved_before_megatron_defaults(saved)}
+    unknown = sorted(set(saved) - set(vars(args)) - {"padded_vocab_size"})
     if unknown:
         print(f"note: ignoring unknown saved arguments: {', '.join(unknown)}", file=sys.stderr)
     for key, value in saved.items():
         if key in vars(args):
             setattr(args, key, value)
+    args.padded_vocab_size = saved.get("padded_vocab_size")  # the model's vocabulary (None: not saved)
     for key, value in SINGLE_PROCESS.items():
         setattr(args, key, value)
     return args
@@ -126,8 +146,7 @@ def demo_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The whole model for ``args`` on the CPU."""
-    from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
-    from attnres_megatron.training.model_setup import config_from_args
+    from attnres_megatron.training.model_setup import config_from_args, gpt_model_kwargs
 
     config = config_from_args(args, "cpu")
     if not config.attn_res_enabled:
@@ -139,15 +158,25 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         from attnres_megatron.models.builder import build_gpt_model
 
         return build_gpt_model(
-            config,
-            vocab_size=BYTE_VOCAB_SIZE,
-            max_sequence_length=args.seq_length,
-            transformer_impl=impl,
-            position_embedding_type=args.position_embedding_type,
+            config, vocab_size=model_vocab_size(args), transformer_impl=impl, **gpt_model_kwargs(args)
         )
     from attnres_megatron.models.kimi.presets import build_kimi_linear_model
 
-    return build_kimi_linear_model(config, max_sequence_length=args.seq_length, transformer_impl=impl)
+    return build_kimi_linear_model(
+        config, vocab_size=model_vocab_size(args), max_sequence_length=args.seq_length, transformer_impl=impl
+    )
+
+
+def model_vocab_size(args: argparse.Namespace) -> int:
+    """The saved run's vocabulary, else the tokenizer's padded (a demo, or a byte-level older run)."""
+    from attnres_megatron.training.vocabulary import padded_vocab_size
+
+    if args.padded_vocab_size:
+        return args.padded_vocab_size
+    try:
+        return padded_vocab_size(args)
+    except ValueError as error:  # a TokenizerError or VocabularyError naming the flag
+        raise SystemExit(f"error: {error}") from None
 
 
 def load_plain_export(model: torch.nn.Module, directory: Path) -> None:
@@ -230,13 +259,36 @@ def save_plain_export(model: torch.nn.Module, args: argparse.Namespace, director
     (directory / "args.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def record_forward(
-    model: torch.nn.Module, seq_length: int, batch_size: int, seed: int
-) -> dict[str, dict[str, Any]]:
-    """One eval-mode forward on a corpus batch; returns the recorder's snapshot."""
-    from attnres_megatron.training.corpus import TokenWindows, load_stdlib_corpus
+def corpus_tokens(max_bytes: int, tokenizer: Any = None) -> torch.Tensor:
+    """The built-in corpus as token ids: its bytes, or each file's text tokenized by ``tokenizer``."""
+    from attnres_megatron.training.corpus import load_stdlib_corpus
 
-    tokens = load_stdlib_corpus(max_bytes=max(1 << 20, 4 * (seq_length + 1) * batch_size))
+    tokens = load_stdlib_corpus(max_bytes=max_bytes)
+    if tokenizer is None or tokenizer.is_byte_level:
+        return tokens
+    ids: list[int] = []
+    for document in bytes(tokens.to(torch.uint8).tolist()).split(b"\0"):
+        ids += tokenizer.tokenize(document.decode("utf-8", errors="replace")) + [tokenizer.eod]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer the saved run trained with (its flags are among the run's arguments)."""
+    from attnres_megatron.training.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(args)
+    except TokenizerError as error:
+        raise SystemExit(f"error: the run's tokenizer: {error}") from None
+
+
+def record_forward(
+    model: torch.nn.Module, seq_length: int, batch_size: int, seed: int, tokenizer: Any = None
+) -> dict[str, dict[str, Any]]:
+    """One eval-mode forward on a corpus batch (bytes, or ``tokenizer``'s ids); the recorder's snapshot."""
+    from attnres_megatron.training.corpus import TokenWindows
+
+    tokens = corpus_tokens(max(1 << 20, 4 * (seq_length + 1) * batch_size), tokenizer)
     ids, _ = TokenWindows(tokens, seq_length, seed).batch(batch_size)
     positions = torch.arange(seq_length).unsqueeze(0).expand_as(ids)
     model.eval()
@@ -302,7 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     param.copy_(torch.randn(param.shape, generator=generator) * cli.query_std)
     if cli.save_export is not None:
         save_plain_export(model, args, cli.save_export)
-    snapshot = record_forward(model, args.seq_length, cli.batch_size, cli.seed)
+    snapshot = record_forward(model, args.seq_length, cli.batch_size, cli.seed, run_tokenizer(args))
     matrix, rows, cols = depth_weight_matrix(snapshot)
     print(format_matrix(matrix, rows, cols))
     title = cli.title or f"AttnRes depth attention ({label}, {args.attention_residuals})"

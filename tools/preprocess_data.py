@@ -8,15 +8,17 @@ Inputs (files or glob patterns, in the order given, each glob sorted):
 * anything else: UTF-8 text, one document per file, or one per non-empty line with
   ``--split-lines``.
 
-Every document is tokenized (``--tokenizer byte`` or a local tokenizer file, see
-``attnres_megatron.training.tokenizers.load_tokenizer``), followed by the end-of-document id,
-and written with Megatron-Core's ``IndexedDatasetBuilder`` (token dtype uint8/uint16/int32
-from the vocabulary size). Empty documents are skipped. The output appears only when complete.
+Every document is tokenized with the Megatron-Core tokenizer that Megatron-LM's flags name
+(``--tokenizer-type``, default ``ByteLevelTokenizer``; ``--tokenizer-model``, ``--vocab-size``;
+see ``attnres_megatron/training/tokenizers.py``), the same flags ``attnres-pretrain`` takes,
+followed by the end-of-document id, and written with Megatron-Core's ``IndexedDatasetBuilder``
+(token dtype uint8/uint16/int32 from the vocabulary size). Empty documents are skipped. The
+output appears only when complete.
 
 Example::
 
     python tools/preprocess_data.py --input 'corpus/*.txt' data.jsonl --output-prefix data/my \\
-        --tokenizer byte --workers 2
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer/ --workers 2
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ if str(REPO_ROOT) not in sys.path:
 
 from attnres_megatron.training.data import DataError, IndexedDatasetStats, write_indexed_dataset  # noqa: E402
 from attnres_megatron.training.tokenizers import (  # noqa: E402
+    TokenizerError,
+    add_tokenizer_args,
+    build_tokenizer,
     init_worker_tokenizer,
-    load_tokenizer,
     tokenize_in_worker,
+    tokenizer_settings,
 )
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -140,7 +145,7 @@ class Progress:
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
-    tokenizer: str = "byte",
+    tokenizer: Optional[argparse.Namespace] = None,
     json_key: str = "text",
     split_lines: bool = False,
     workers: int = 1,
@@ -148,11 +153,12 @@ def preprocess(
 ) -> IndexedDatasetStats:
     """Tokenize ``inputs`` into ``output_prefix.bin``/``.idx``; returns what was written.
 
-    Raises :class:`DataError` for missing inputs, malformed JSONL lines and empty output
-    (then no output files are left behind).
+    ``tokenizer`` holds the tokenizer flags (``tokenizers.tokenizer_args(...)``; None: the
+    byte-level default). Raises :class:`DataError` for missing inputs, malformed JSONL lines and
+    empty output (then no output files are left behind), ``TokenizerError`` for bad flags.
     """
     files = expand_inputs(inputs)
-    tok = load_tokenizer(tokenizer)
+    tok = build_tokenizer(tokenizer)
     texts = (text for path in files for text in iter_documents(path, json_key, split_lines) if text)
     meter = Progress(progress)
     try:
@@ -160,7 +166,9 @@ def preprocess(
             # fork starts workers without re-importing Megatron; spawn where fork is unavailable.
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(workers, initializer=init_worker_tokenizer, initargs=(tokenizer,)) as pool:
+            with context.Pool(
+                workers, initializer=init_worker_tokenizer, initargs=(tokenizer_settings(tokenizer),)
+            ) as pool:
                 documents = pool.imap(tokenize_in_worker, texts, chunksize=64)
                 stats = write_indexed_dataset(documents, output_prefix, tok.vocab_size, tok.eod, meter)
         else:
@@ -191,18 +199,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="Input files or glob patterns.")
     parser.add_argument("--output-prefix", required=True, help="Writes PREFIX.bin and PREFIX.idx.")
-    parser.add_argument(
-        "--tokenizer",
-        default="byte",
-        help="'byte' (NUL ends documents, vocab 256), 'byte-eod256' (vocab 257), or a local "
-        "tokenizer.json / tiktoken BPE file.",
-    )
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text (default: text).")
     parser.add_argument(
         "--split-lines", action="store_true", help="Text files: one document per non-empty line."
     )
     parser.add_argument("--workers", type=int, default=1, help="Tokenizer processes (default 1).")
     parser.add_argument("--quiet", action="store_true", help="No progress output.")
+    add_tokenizer_args(parser)
     return parser.parse_args(argv)
 
 
@@ -217,13 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preprocess(
             args.input,
             args.output_prefix,
-            tokenizer=args.tokenizer,
+            tokenizer=args,
             json_key=args.json_key,
             split_lines=args.split_lines,
             workers=args.workers,
             progress=not args.quiet,
         )
-    except (DataError, FileNotFoundError, ImportError) as err:
+    except (DataError, TokenizerError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

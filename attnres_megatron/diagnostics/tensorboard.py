@@ -1,4 +1,10 @@
-"""TensorBoard logging for training runs: scalars, per-layer depth statistics, depth heatmaps.
+"""TensorBoard logging for training runs: Megatron-LM's scalars, AttnRes depth diagnostics.
+
+Training and evaluation scalars carry Megatron-LM's tag names (``megatron/training/training.py``:
+``training_log`` and ``evaluate_and_print_results``), so runs of ``attnres-pretrain`` overlay
+with Megatron-LM runs in one TensorBoard: each value at the iteration, and as ``<tag> vs
+samples`` at the consumed training samples where Megatron-LM writes that variant. The AttnRes
+depth diagnostics live under their own prefix, ``attn_res/``.
 
 Which rank logs is the caller's decision: construct ``TrainingLogger(log_dir,
 enabled=is_the_reporting_rank)``. The loss is usually known on the last pipeline stage;
@@ -22,6 +28,19 @@ from attnres_megatron.diagnostics.depth import (
 )
 
 TENSORBOARD_MISSING = "--tensorboard-dir needs tensorboard: pip install 'attnres-megatron[tensorboard]'"
+VS_SAMPLES = " vs samples"
+TRAINING_TAGS = ("learning-rate", "batch-size", "lm loss", "loss-scale", "grad-norm")
+"""Megatron-LM's per-iteration tags, each also written as ``<tag> vs samples``."""
+TIMING_TAGS = ("iteration-time", "tokens-per-second")
+"""Per log interval, at the iteration only (Megatron-LM writes ``iteration-time``, in
+seconds, with ``--log-timers-to-tensorboard``; ``tokens-per-second`` is this trainer's)."""
+DEPTH_PREFIX = "attn_res"
+
+
+def evaluation_tags(split: str = "validation") -> tuple[str, str]:
+    """Megatron-LM's tags of an evaluation's loss and perplexity (``lm loss validation``,
+    ``lm loss validation ppl``); each is also written as ``<tag> vs samples``."""
+    return f"lm loss {split}", f"lm loss {split} ppl"
 
 
 def _tag_suffix(key: Union[str, int]) -> str:
@@ -32,10 +51,12 @@ def _tag_suffix(key: Union[str, int]) -> str:
 class TrainingLogger:
     """A thin wrapper over ``torch.utils.tensorboard.SummaryWriter``.
 
-    Tags: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_second``
-    (plus ``train/<name>`` for extra keywords), ``depth/output_rms/<sublayer>``,
-    ``depth/grad_norm/L<n>``, and the images ``depth/attention_weights`` and
-    ``depth/layer_stats``.
+    Scalars (Megatron-LM's names): ``learning-rate``, ``batch-size``, ``lm loss``,
+    ``loss-scale``, ``grad-norm`` (each also ``... vs samples``), ``iteration-time``,
+    ``tokens-per-second``, ``lm loss validation`` and ``lm loss validation ppl`` (and ``lm
+    loss test ...``, each also ``... vs samples``). Depth diagnostics:
+    ``attn_res/output_rms/<sublayer>``, ``attn_res/grad_norm/L<n>``, and the images
+    ``attn_res/depth_attention_weights`` and ``attn_res/layer_stats``.
     """
 
     def __init__(self, log_dir: Optional[str], enabled: bool = True, flush_secs: int = 30):
@@ -49,22 +70,45 @@ class TrainingLogger:
                 raise ImportError(TENSORBOARD_MISSING) from err
             self.writer = SummaryWriter(log_dir=log_dir, flush_secs=flush_secs)
 
-    def log_scalars(
-        self,
-        step: int,
-        loss: Optional[float] = None,
-        lr: Optional[float] = None,
-        grad_norm: Optional[float] = None,
-        tokens_per_second: Optional[float] = None,
-        **extra: Optional[float],
+    def log_scalar(
+        self, tag: str, value: Optional[float], iteration: int, consumed_samples: Optional[int] = None
     ) -> None:
-        """Training scalars at ``step``; ``None`` values are skipped."""
-        if not self.enabled:
+        """``tag`` at ``iteration``, and ``<tag> vs samples`` at ``consumed_samples`` when given;
+        ``None`` values are skipped."""
+        if not self.enabled or value is None:
             return
-        values = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_per_second, **extra)
-        for name, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(f"train/{name}", float(value), step)
+        self.writer.add_scalar(tag, float(value), iteration)
+        if consumed_samples is not None:
+            self.writer.add_scalar(tag + VS_SAMPLES, float(value), consumed_samples)
+
+    def log_training(
+        self,
+        iteration: int,
+        consumed_samples: int,
+        learning_rate: Optional[float],
+        batch_size: int,
+        loss: Optional[float],
+        loss_scale: Optional[float],
+        grad_norm: Optional[float],
+    ) -> None:
+        """One iteration's scalars as Megatron-LM's ``training_log`` writes them (every
+        iteration, each also against the consumed samples); ``None`` values are skipped."""
+        values = (learning_rate, batch_size, loss, loss_scale, grad_norm)
+        for tag, value in zip(TRAINING_TAGS, values):
+            self.log_scalar(tag, value, iteration, consumed_samples)
+
+    def log_timing(self, iteration: int, seconds_per_iteration: float, tokens_per_second: float) -> None:
+        """Time per iteration (seconds, Megatron-LM's ``iteration-time``) and tokens/s of a log interval."""
+        for tag, value in zip(TIMING_TAGS, (seconds_per_iteration, tokens_per_second)):
+            self.log_scalar(tag, value, iteration)
+
+    def log_evaluation(
+        self, iteration: int, consumed_samples: int, loss: float, perplexity: float, split: str = "validation"
+    ) -> None:
+        """An evaluation's loss and perplexity on ``split``, at the iteration and the consumed samples."""
+        loss_tag, ppl_tag = evaluation_tags(split)
+        self.log_scalar(loss_tag, loss, iteration, consumed_samples)
+        self.log_scalar(ppl_tag, perplexity, iteration, consumed_samples)
 
     def log_layer_stats(
         self,
@@ -80,16 +124,22 @@ class TrainingLogger:
         if not self.enabled:
             return
         for key, value in output_rms.items():
-            self.writer.add_scalar(f"depth/output_rms/{_tag_suffix(key)}", float(value), step)
+            self.writer.add_scalar(f"{DEPTH_PREFIX}/output_rms/{_tag_suffix(key)}", float(value), step)
         for key, value in grad_norms.items():
-            self.writer.add_scalar(f"depth/grad_norm/{_tag_suffix(key)}", float(value), step)
+            self.writer.add_scalar(f"{DEPTH_PREFIX}/grad_norm/{_tag_suffix(key)}", float(value), step)
         if image and (output_rms or grad_norms):
             self.writer.add_image(
-                "depth/layer_stats", render_layer_stats(output_rms, grad_norms), step, dataformats="HWC"
+                f"{DEPTH_PREFIX}/layer_stats",
+                render_layer_stats(output_rms, grad_norms),
+                step,
+                dataformats="HWC",
             )
 
     def log_depth_heatmap(
-        self, step: int, snapshot: Mapping[str, Mapping[str, Any]], tag: str = "depth/attention_weights"
+        self,
+        step: int,
+        snapshot: Mapping[str, Mapping[str, Any]],
+        tag: str = f"{DEPTH_PREFIX}/depth_attention_weights",
     ) -> None:
         """The depth-weight heatmap of a recorder snapshot as an image (HWC, uint8)."""
         if not self.enabled or not snapshot:

@@ -30,7 +30,6 @@ from attnres_megatron.profiling.timers import (
     Stopwatch,
 )
 from attnres_megatron.profiling.variants import variant_args
-from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
 from attnres_megatron.training.data import DataParallelBatches
 from attnres_megatron.training.model_setup import (
     TrainingSetup,
@@ -39,6 +38,7 @@ from attnres_megatron.training.model_setup import (
     setup_training,
 )
 from attnres_megatron.training.pretrain import forward_step, reduced_loss
+from attnres_megatron.training.vocabulary import padded_vocab_size
 
 
 def reseed(seed: int) -> None:
@@ -157,7 +157,7 @@ def profile_variant(
     for name, value in plan.config_fields().items():
         setattr(config, name, value)
     reseed(args.seed)
-    setup = setup_training(vargs, config, BYTE_VOCAB_SIZE, device)
+    setup = setup_training(vargs, config, padded_vocab_size(vargs), device)
     get_byte_ledger().reset()
     run = VariantRun(vargs, setup, data, device)
     try:

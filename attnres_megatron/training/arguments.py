@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
 from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
@@ -14,7 +15,9 @@ from attnres_megatron.models.specs import (
     TRANSFORMER_IMPLS,
     resolve_transformer_impl,
 )
+from attnres_megatron.training.megatron_lm_flags import flag_name, unrecognized_message
 from attnres_megatron.training.quiet import add_verbose_warnings_arg
+from attnres_megatron.training.tokenizers import add_tokenizer_args
 
 MODEL_CHOICES = ("gpt", *sorted(KIMI_PRESETS))
 ATTN_RES_WEIGHT_DECAY_WORDS = ("none", "default")
@@ -87,7 +90,12 @@ def add_recompute_args(parser: argparse.ArgumentParser) -> None:
         help="Full recompute: checkpoint groups of --recompute-num-layers layers (uniform), "
         "or only the first --recompute-num-layers layers of each stage (block).",
     )
-    recompute.add_argument("--recompute-num-layers", type=int, default=None)
+    recompute.add_argument(
+        "--recompute-num-layers",
+        type=int,
+        default=None,
+        help="Full recompute: layers per checkpointed group (uniform) or checkpointed layers (block).",
+    )
     recompute.add_argument(
         "--recompute-modules",
         nargs="*",
@@ -108,43 +116,268 @@ def add_model_arg(group: argparse._ActionsContainer) -> None:
     )
 
 
+OWN_DEFAULT = "attnres-pretrain's default for a tiny CPU run; Megatron-LM has none and requires it"
+NO_OP = "Accepted for Megatron-LM command lines; a no-op here"
+
+
+def add_model_shape_args(group: argparse._ActionsContainer) -> None:
+    """Megatron-LM's GPT shape flags with its defaults (a tiny shape where it requires a value)."""
+    group.add_argument("--num-layers", type=int, default=4, help=f"Transformer layers ({OWN_DEFAULT}).")
+    group.add_argument("--hidden-size", type=int, default=128, help=f"Hidden size ({OWN_DEFAULT}).")
+    group.add_argument(
+        "--ffn-hidden-size",
+        type=int,
+        default=None,
+        help="MLP width (default, as in Megatron-LM: 4 x hidden size; with --swiglu "
+        "int(8 x hidden size / 3 / 64) x 64).",
+    )
+    group.add_argument("--num-attention-heads", type=int, default=4, help=f"Attention heads ({OWN_DEFAULT}).")
+    group.add_argument(
+        "--kv-channels", type=int, default=None, help="Size of each attention head (default hidden / heads)."
+    )
+    group.add_argument(
+        "--group-query-attention",
+        action="store_true",
+        help="Grouped-query attention with --num-query-groups key/value heads.",
+    )
+    group.add_argument(
+        "--num-query-groups",
+        type=int,
+        default=1,
+        help="Key/value head groups; needs --group-query-attention (without it every head has its own).",
+    )
+    group.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="Positions of the model (size of the learned position embedding; default --seq-length, "
+        "which must not exceed it).",
+    )
+    group.add_argument(
+        "--position-embedding-type",
+        choices=("learned_absolute", "rope", "none"),
+        default="learned_absolute",
+        help="Position embedding (gpt; a Kimi preset has none).",
+    )
+    group.add_argument(
+        "--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm", help="Norm type (gpt)."
+    )
+    group.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of the norms (gpt).")
+    group.add_argument(
+        "--swiglu", action="store_true", help="SwiGLU MLP (gated linear unit with SiLU) instead of GeLU."
+    )
+    group.add_argument(
+        "--disable-bias-linear",
+        action="store_false",
+        dest="add_bias_linear",
+        help="No biases in the linear layers (the default shown is add_bias_linear's: biases on).",
+    )
+    group.add_argument(
+        "--add-qkv-bias",
+        action="store_true",
+        help="Biases in the query/key/value projection only (implied unless --disable-bias-linear).",
+    )
+    group.add_argument("--qk-layernorm", action="store_true", help="Normalise queries and keys per head.")
+    group.add_argument(
+        "--untie-embeddings-and-output-weights",
+        action="store_true",
+        help="Give the output layer its own weights instead of the input embedding's.",
+    )
+    group.add_argument(
+        "--init-method-std", type=float, default=0.02, help="Std of the normal weight initialisation."
+    )
+    group.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout after each sublayer.")
+    group.add_argument(
+        "--attention-dropout", type=float, default=0.1, help="Dropout of the attention probabilities."
+    )
+    group.add_argument(
+        "--transformer-impl",
+        choices=TRANSFORMER_IMPLS,
+        default="auto",
+        help="Layer spec: transformer_engine, local (runs on CPU) or auto (attnres-pretrain's default: "
+        "transformer_engine, Megatron-LM's default, when it imports, else local).",
+    )
+    group.add_argument(
+        "--attention-backend",
+        choices=("auto",),
+        default="auto",
+        help="Attention kernels: chosen by Transformer Engine or PyTorch SDPA.",
+    )
+    group.add_argument(
+        "--use-cpu-initialization",
+        action="store_true",
+        default=None,
+        help="Initialise the weights on the CPU (always the case with --device cpu).",
+    )
+    group.add_argument(
+        "--use-mcore-models",
+        action="store_true",
+        dest="deprecated_use_mcore_models",
+        help=f"{NO_OP}: the models are always Megatron-Core's.",
+    )
+
+
+# Megatron-LM's kernel-fusion switches: (flag, destination, action).
+FUSION_FLAGS = (
+    ("--no-masked-softmax-fusion", "masked_softmax_fusion", "store_false"),
+    ("--no-bias-gelu-fusion", "bias_gelu_fusion", "store_false"),
+    ("--no-bias-swiglu-fusion", "bias_swiglu_fusion", "store_false"),
+    ("--no-bias-dropout-fusion", "bias_dropout_fusion", "store_false"),
+    ("--no-rope-fusion", "apply_rope_fusion", "store_false"),
+    ("--no-gradient-accumulation-fusion", "gradient_accumulation_fusion", "store_false"),
+    ("--no-persist-layer-norm", "no_persist_layer_norm", "store_true"),
+)
+
+
+def add_fusion_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's fusion switches, accepted without effect (attnres-pretrain uses none of them)."""
+    group = parser.add_argument_group(
+        "kernel fusions",
+        f"{NO_OP}: attnres-pretrain builds its layers without these fused kernels (CPU runs have "
+        "none), so they change nothing.",
+    )
+    for flag, dest, action in FUSION_FLAGS:
+        group.add_argument(flag, action=action, dest=dest, help=f"{NO_OP} (the default shown is {dest}'s).")
+
+
+def add_run_length_args(group: argparse._ActionsContainer) -> None:
+    """Sequence length, micro batch, run length and learning rate."""
+    group.add_argument("--seq-length", type=int, default=128, help=f"Tokens per sample ({OWN_DEFAULT}).")
+    group.add_argument(
+        "--micro-batch-size", type=int, default=4, help=f"Samples per micro-batch and rank ({OWN_DEFAULT})."
+    )
+    group.add_argument("--train-iters", type=int, default=100, help=f"Training iterations ({OWN_DEFAULT}).")
+    group.add_argument("--lr", type=float, default=3e-3, help=f"Peak learning rate ({OWN_DEFAULT}).")
+
+
+def add_optimizer_args(group: argparse._ActionsContainer) -> None:
+    """Megatron-LM's Adam (decoupled weight decay) flags with its defaults."""
+    group.add_argument(
+        "--optimizer",
+        choices=("adam",),
+        default="adam",
+        help="Adam with decoupled weight decay (AdamW), Megatron-Core's optimizer.",
+    )
+    group.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.01,
+        help="Weight decay of the weight matrices (biases and norms are not decayed).",
+    )
+    group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient-norm clipping (0: off).")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
+
+
+def add_lr_schedule_args(group: argparse._ActionsContainer) -> None:
+    """Megatron-LM's learning-rate schedule flags (warmup, then decay to --min-lr)."""
+    group.add_argument("--min-lr", type=float, default=0.0, help="Learning rate at the end of the decay.")
+    group.add_argument(
+        "--lr-decay-style",
+        choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+        default="linear",
+        help="Learning-rate decay after warmup (WSD: warmup-stable-decay).",
+    )
+    group.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        default=None,
+        help="Iterations over which the learning rate decays (default --train-iters).",
+    )
+    group.add_argument(
+        "--lr-warmup-iters", type=int, default=0, help="Iterations of linear warmup from --lr-warmup-init."
+    )
+    group.add_argument(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="Warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters).",
+    )
+    group.add_argument(
+        "--lr-warmup-init", type=float, default=0.0, help="Learning rate at the start of the warmup."
+    )
+    group.add_argument(
+        "--lr-wsd-decay-iters",
+        type=int,
+        default=None,
+        help="WSD: iterations of the final decay phase (attnres-pretrain's default: 10%% of "
+        "--lr-decay-iters; Megatron-LM requires it with WSD).",
+    )
+    group.add_argument(
+        "--lr-wsd-decay-style",
+        choices=("exponential", "linear", "cosine", "minus_sqrt"),
+        default="exponential",
+        help="WSD: shape of the final decay.",
+    )
+
+
+def add_megatron_lm_run_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM run flags that keep their meaning here (backend, checkpoint format, no-ops)."""
+    group = parser.add_argument_group("Megatron-LM run options")
+    group.add_argument(
+        "--distributed-backend",
+        choices=("nccl", "gloo"),
+        default="nccl",
+        help="torch.distributed backend of CUDA runs (--device cpu always uses gloo).",
+    )
+    group.add_argument(
+        "--ckpt-format",
+        choices=("torch_dist",),
+        default="torch_dist",
+        help="Checkpoint format: Megatron-Core distributed checkpoints.",
+    )
+    group.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help=f"{NO_OP}: SIGTERM always finishes the iteration, saves (with --save) and exits.",
+    )
+    group.add_argument(
+        "--no-create-attention-mask-in-dataloader",
+        action="store_false",
+        dest="create_attention_mask_in_dataloader",
+        help=f"{NO_OP}: batches never carry an attention mask (attention is causal; the default shown "
+        "is create_attention_mask_in_dataloader's).",
+    )
+
+
+class PretrainArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose unknown-flag error names the equivalent of Megatron-LM flags."""
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
+        """Parse like argparse; an unknown Megatron-LM flag's error also says what to use instead."""
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
+        if extras:
+            self.error(unrecognized_message(extras))
+        if any(flag_name(token) == "--num-query-groups" for token in argv) and not getattr(
+            parsed, "group_query_attention", True
+        ):
+            self.error(
+                "--num-query-groups needs --group-query-attention (Megatron-LM ignores it without); "
+                "add --group-query-attention or drop --num-query-groups."
+            )
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``attnres-pretrain`` parser: Megatron-LM's flag names, meanings and defaults."""
+    parser = PretrainArgumentParser(
         prog="attnres-pretrain",
-        description="Pretrain a GPT with Attention Residuals on Megatron-Core.",
+        usage="%(prog)s [options]   (--help lists every option with its default)",
+        description="Pretrain a GPT with Attention Residuals on Megatron-Core. The flags are "
+        "Megatron-LM's, with its meanings and defaults; Megatron-LM flags without a counterpart "
+        "are refused with the one to use instead.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
     add_model_arg(model)
-    model.add_argument("--num-layers", type=int, default=4)
-    model.add_argument("--hidden-size", type=int, default=128)
-    model.add_argument(
-        "--ffn-hidden-size", type=int, default=None, help="MLP width (default 4 x hidden size)."
-    )
-    model.add_argument("--num-attention-heads", type=int, default=4)
-    model.add_argument("--num-query-groups", type=int, default=None)
-    model.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default="RMSNorm")
-    model.add_argument(
-        "--position-embedding-type", choices=("rope", "learned_absolute", "none"), default="rope"
-    )
-    model.add_argument("--hidden-dropout", type=float, default=0.0)
-    model.add_argument("--attention-dropout", type=float, default=0.0)
-    model.add_argument(
-        "--transformer-impl",
-        choices=TRANSFORMER_IMPLS,
-        default="auto",
-        help="Layer spec: Transformer Engine, local (runs on CPU) or auto.",
-    )
+    add_model_shape_args(model)
     add_attn_res_args(parser)
 
     train = parser.add_argument_group("training")
-    train.add_argument("--seq-length", type=int, default=128)
-    train.add_argument("--micro-batch-size", type=int, default=4)
-    train.add_argument("--train-iters", type=int, default=100)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--min-lr", type=float, default=3e-4)
-    train.add_argument("--lr-warmup-iters", type=int, default=10)
-    train.add_argument("--weight-decay", type=float, default=0.1)
+    add_run_length_args(train)
+    add_optimizer_args(train)
     train.add_argument(
         "--attn-res-weight-decay",
         type=attn_res_weight_decay,
@@ -154,10 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(--weight-decay, like the weight matrices) or this coefficient (applied as Megatron's "
         "wd_mult relative to --weight-decay, which must then be > 0).",
     )
-    train.add_argument("--clip-grad", type=float, default=1.0)
-    train.add_argument("--adam-beta1", type=float, default=0.9)
-    train.add_argument("--adam-beta2", type=float, default=0.95)
-    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--seed", type=int, default=1234, help="Random seed (Megatron-LM's seeding).")
     train.add_argument(
         "--corpus-bytes",
         type=int,
@@ -172,11 +402,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Megatron indexed dataset prefix(es), optionally weighted: '0.3 PREFIX_A 0.7 PREFIX_B' "
         "(see tools/preprocess_data.py).",
     )
-    train.add_argument("--split", default="969,30,1", help="Train,valid,test split weights.")
     train.add_argument(
-        "--tokenizer",
-        default="byte",
-        help="byte, or a local tokenizers JSON / tiktoken file (must match the data).",
+        "--split",
+        default="969,30,1",
+        help="Train,valid,test split weights of each --data-path prefix (Megatron-LM's parser "
+        "default is none, which it turns into 969,30,1 when --data-path is given).",
+    )
+    train.add_argument(
+        "--mock-data",
+        action="store_true",
+        help="No data files: Megatron-Core's MockGPTDataset (ids from the tokenizer's vocabulary); "
+        "not with --data-path.",
+    )
+    train.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help="Iterations between evaluations on the validation set (none: only the final "
+        "validation and test evaluation, as Megatron-LM).",
+    )
+    train.add_argument(
+        "--eval-iters",
+        type=int,
+        default=100,
+        help="Iterations (global batches) per evaluation; 0 disables evaluation.",
     )
 
     train.add_argument(
@@ -186,24 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Samples per iteration over all data-parallel ranks "
         "(default: micro batch x data-parallel size); larger values accumulate.",
     )
-    train.add_argument(
-        "--lr-decay-style",
-        choices=("cosine", "linear", "constant", "WSD"),
-        default="cosine",
-        help="Learning-rate decay after warmup (WSD: warmup-stable-decay).",
-    )
-    train.add_argument(
-        "--lr-wsd-decay-iters",
-        type=int,
-        default=None,
-        help="WSD: iterations of the final decay phase (default: 10%% of --train-iters).",
-    )
-    train.add_argument(
-        "--lr-wsd-decay-style",
-        choices=("exponential", "linear", "cosine", "minus_sqrt"),
-        default="linear",
-        help="WSD: shape of the final decay.",
-    )
+    add_lr_schedule_args(train)
     train.add_argument("--bf16", action="store_true", help="bf16 parameters and activations.")
     train.add_argument(
         "--use-distributed-optimizer",
@@ -211,10 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Shard optimizer state across data-parallel ranks.",
     )
     add_recompute_args(parser)
+    add_fusion_args(parser)
 
     parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel ranks per model replica."
+    )
+    parallel.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="Pipeline stages per model replica."
+    )
     parallel.add_argument(
         "--num-virtual-stages-per-pipeline-rank",
         type=int,
@@ -239,9 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Megatron layout string, e.g. 'Et*3|t*3|t*2L' (overrides the counts).",
     )
-    parallel.add_argument("--sequence-parallel", action="store_true")
-    parallel.add_argument("--context-parallel-size", type=int, default=1)
-    parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parallel.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Split norms, dropout and the AttnRes mixes along the sequence across TP ranks (needs TP > 1).",
+    )
+    parallel.add_argument(
+        "--context-parallel-size",
+        type=int,
+        default=1,
+        help="Context-parallel ranks (needs Transformer Engine attention).",
+    )
+    parallel.add_argument(
+        "--expert-model-parallel-size", type=int, default=1, help="Ranks the routed experts are spread over."
+    )
     parallel.add_argument(
         "--expert-tensor-parallel-size",
         type=int,
@@ -251,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     moe = parser.add_argument_group("mixture of experts")
     moe.add_argument("--num-experts", type=int, default=None, help="Routed experts per MoE layer.")
-    moe.add_argument("--moe-router-topk", type=int, default=2)
+    moe.add_argument("--moe-router-topk", type=int, default=2, help="Experts per token.")
     moe.add_argument(
         "--moe-ffn-hidden-size",
         type=int,
@@ -264,19 +512,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Width of the shared expert (none when unset).",
     )
-    moe.add_argument("--moe-router-score-function", choices=("softmax", "sigmoid"), default="softmax")
+    moe.add_argument(
+        "--moe-router-score-function",
+        choices=("softmax", "sigmoid"),
+        default="softmax",
+        help="Router score function.",
+    )
     moe.add_argument(
         "--moe-router-enable-expert-bias",
         action="store_true",
         help="Aux-loss-free load balancing: a per-expert bias used for top-k selection.",
     )
-    moe.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
-    moe.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
     moe.add_argument(
-        "--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "none"), default="aux_loss"
+        "--moe-router-bias-update-rate",
+        type=float,
+        default=1e-3,
+        help="Update rate of the expert bias (--moe-router-enable-expert-bias).",
     )
-    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    moe.add_argument("--moe-token-dispatcher-type", choices=("allgather", "alltoall"), default="alltoall")
+    moe.add_argument(
+        "--moe-router-topk-scaling-factor",
+        type=float,
+        default=None,
+        help="Scale of the top-k routing weights (none: unscaled).",
+    )
+    moe.add_argument(
+        "--moe-router-load-balancing-type",
+        choices=("aux_loss", "seq_aux_loss", "none"),
+        default="aux_loss",
+        help="Load-balancing loss (weighted by --moe-aux-loss-coeff).",
+    )
+    moe.add_argument(
+        "--moe-aux-loss-coeff", type=float, default=0.0, help="Weight of the load-balancing loss."
+    )
+    moe.add_argument(
+        "--moe-token-dispatcher-type",
+        choices=("allgather", "alltoall"),
+        default="allgather",
+        help="How tokens reach their experts across expert-parallel ranks.",
+    )
     moe.add_argument(
         "--moe-grouped-gemm",
         action="store_true",
@@ -315,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument(
         "--no-load-optim",
         action="store_true",
+        default=None,
         help="Load model weights only (e.g. under another TP/PP layout).",
     )
     ckpt.add_argument(
@@ -330,14 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="cpu enables the CPU/gloo backend; auto picks cuda when available.",
     )
-    run.add_argument("--log-interval", type=int, default=10)
+    run.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
     run.add_argument(
         "--summary-json", default=None, help="Write the final summary (losses, tokens/s) to this JSON file."
     )
+    add_megatron_lm_run_args(parser)
+    add_tokenizer_args(parser)
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``attnres-pretrain``'s command line (``sys.argv`` when ``argv`` is None)."""
     return build_parser().parse_args(argv)
 
 
@@ -360,18 +637,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         value = getattr(args, name)
         if value is None or value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1; got {value}.")
-    if args.hidden_size % args.num_attention_heads:
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
         raise SystemExit(
             f"error: --hidden-size {args.hidden_size} must be divisible by "
-            f"--num-attention-heads {args.num_attention_heads}."
+            f"--num-attention-heads {args.num_attention_heads} (or pass --kv-channels)."
         )
-    if not args.lr > 0:
-        _fail(f"--lr must be > 0; got {args.lr}.")
-    if not 0 <= args.lr_warmup_iters < args.train_iters:
-        _fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, --train-iters {args.train_iters}).")
-    if not 0 <= args.min_lr <= args.lr:
-        _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
+    validate_model_shape(args)
+    validate_lr_schedule(args)
     validate_weight_decay(args)
+    if args.mock_data and args.data_path:
+        _fail("--mock-data generates its data; drop it or --data-path.")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         _fail("--save-interval needs --save and a value >= 1.")
     if args.load:
@@ -382,6 +657,86 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except CheckpointError as error:
             _fail(str(error))
     validate_parallel_args(args, world_size)
+
+
+def ffn_hidden_size(args: argparse.Namespace) -> int:
+    """``--ffn-hidden-size``, else Megatron-LM's: 4 x hidden, or int(8 x hidden / 3 / 64) x 64 with SwiGLU."""
+    if args.ffn_hidden_size is not None:
+        return args.ffn_hidden_size
+    if args.swiglu:
+        return int((4 * args.hidden_size * 2 / 3) / 64) * 64
+    return 4 * args.hidden_size
+
+
+def lr_decay_iters(args: argparse.Namespace) -> int:
+    """Iterations the learning rate decays over: ``--lr-decay-iters``, else ``--train-iters``."""
+    return args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+
+
+def lr_warmup_iters(args: argparse.Namespace) -> float:
+    """Warmup iterations: ``--lr-warmup-fraction`` of the decay iterations (as Megatron-LM), else
+    ``--lr-warmup-iters``."""
+    if args.lr_warmup_fraction is not None:
+        return args.lr_warmup_fraction * lr_decay_iters(args)
+    return args.lr_warmup_iters
+
+
+def lr_wsd_decay_iters(args: argparse.Namespace) -> int:
+    """WSD: iterations of the final decay, ``--lr-wsd-decay-iters`` or 10% of the decay iterations."""
+    return args.lr_wsd_decay_iters or max(1, lr_decay_iters(args) // 10)
+
+
+def validate_model_shape(args: argparse.Namespace) -> None:
+    """The GPT shape flags fit together (a Kimi preset fixes its own shape)."""
+    if args.model != "gpt":
+        return
+    for name in ("kv_channels", "ffn_hidden_size", "max_position_embeddings"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
+    if ffn_hidden_size(args) < 1:
+        _fail(
+            f"--swiglu with --hidden-size {args.hidden_size} gives Megatron-LM's default MLP width "
+            "int(8 x hidden / 3 / 64) x 64 = 0; pass --ffn-hidden-size."
+        )
+    if args.group_query_attention:
+        groups, heads = args.num_query_groups, args.num_attention_heads
+        if groups < 1 or heads % groups:
+            _fail(f"--num-query-groups {groups} must divide --num-attention-heads {heads}.")
+    positions = args.max_position_embeddings
+    if positions is not None and positions < args.seq_length:
+        _fail(
+            f"--max-position-embeddings {positions} must be >= --seq-length {args.seq_length}; "
+            "raise it or drop it (it defaults to --seq-length)."
+        )
+    if not args.init_method_std > 0:
+        _fail(f"--init-method-std must be > 0; got {args.init_method_std}.")
+
+
+def validate_lr_schedule(args: argparse.Namespace) -> None:
+    """Learning rate, warmup and decay lengths as Megatron-LM's scheduler needs them."""
+    if not args.lr > 0:
+        _fail(f"--lr must be > 0; got {args.lr}.")
+    if not 0 <= args.min_lr <= args.lr:
+        _fail(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}].")
+    if not 0 <= args.lr_warmup_init <= args.lr:
+        _fail(f"--lr-warmup-init {args.lr_warmup_init} must be in [0, --lr {args.lr}].")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
+        _fail(f"--lr-decay-iters must be >= 1; got {args.lr_decay_iters}.")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            _fail("--lr-warmup-fraction and --lr-warmup-iters both set the warmup; pass only one.")
+        if not 0 <= args.lr_warmup_fraction < 1:
+            _fail(f"--lr-warmup-fraction must be in [0, 1); got {args.lr_warmup_fraction}.")
+    decay = lr_decay_iters(args)
+    if not 0 <= lr_warmup_iters(args) < decay:
+        _fail(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be in [0, {decay}), the iterations the "
+            "learning rate decays over (--lr-decay-iters, default --train-iters); lower it or raise "
+            "--lr-decay-iters."
+        )
+    if args.lr_wsd_decay_iters is not None and args.lr_wsd_decay_iters < 1:
+        _fail(f"--lr-wsd-decay-iters must be >= 1; got {args.lr_wsd_decay_iters}.")
 
 
 def validate_weight_decay(args: argparse.Namespace) -> None:
@@ -423,6 +778,17 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
         _fail(CONTEXT_PARALLEL_NEEDS_TE)
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP.")
+    local = resolve_transformer_impl(args.transformer_impl) == "local"
+    if args.sequence_parallel and local and args.model == "gpt" and args.normalization == "LayerNorm":
+        _fail(
+            "--sequence-parallel with the local layer spec needs --normalization RMSNorm (PyTorch's "
+            "LayerNorm has no sequence-parallel form); pass it, or --transformer-impl transformer_engine."
+        )
+    if args.model == "gpt" and args.group_query_attention and args.num_query_groups % tp:
+        _fail(
+            f"--num-query-groups {args.num_query_groups} is not divisible by "
+            f"--tensor-model-parallel-size {tp}."
+        )
     if args.num_attention_heads % tp:
         _fail(
             f"--num-attention-heads {args.num_attention_heads} is not divisible by "

@@ -44,13 +44,16 @@ import numpy as np
 import torch
 
 from attnres_megatron.training.corpus import stdlib_source_files
-from attnres_megatron.training.tokenizers import ByteTokenizer, TokenizerLike, load_tokenizer
+from attnres_megatron.training.tokenizers import DatasetTokenizer, build_tokenizer
 
 CACHE_ENV = "ATTNRES_CACHE_DIR"
 DEFAULT_CACHE_ROOT = Path("~/.cache/attnres-megatron")
 DEFAULT_CORPUS_DIR = "stdlib-byte-v1"
 DATASET_INDEX_DIR = "dataset-indices"
-PREPROCESS_HINT = "python tools/preprocess_data.py --input FILES --output-prefix PREFIX --tokenizer byte"
+PREPROCESS_HINT = (
+    "python tools/preprocess_data.py --input FILES --output-prefix PREFIX "
+    "[--tokenizer-type TYPE --tokenizer-model PATH]"
+)
 
 
 class DataError(ValueError):
@@ -196,11 +199,11 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _corpus_documents(files: Sequence[Path], tokenizer: TokenizerLike) -> Iterator[np.ndarray]:
+def _corpus_documents(files: Sequence[Path], tokenizer: DatasetTokenizer) -> Iterator[np.ndarray]:
     """Token ids of each file (bytes as they are for the byte tokenizer, else UTF-8 text)."""
     for path in files:
         data = path.read_bytes()
-        if isinstance(tokenizer, ByteTokenizer):
+        if tokenizer.is_byte_level:
             yield np.frombuffer(data, dtype=np.uint8)
         else:
             yield np.asarray(tokenizer.tokenize(data.decode("utf-8", errors="replace")), dtype=np.int64)
@@ -222,10 +225,10 @@ def _corpus_files(max_bytes: Optional[int]) -> list[Path]:
     return chosen
 
 
-def _corpus_location(root: Path, tokenizer: TokenizerLike, max_bytes: Optional[int]) -> tuple[Path, str]:
+def _corpus_location(root: Path, tokenizer: DatasetTokenizer, max_bytes: Optional[int]) -> tuple[Path, str]:
     """(final directory, prefix name) of one default-corpus variant."""
     identity = dict(tokenizer.unique_identifiers)
-    if identity == ByteTokenizer().unique_identifiers:
+    if identity == build_tokenizer().unique_identifiers:  # the default: UTF-8 bytes, NUL ends
         family = DEFAULT_CORPUS_DIR
     else:
         digest = hashlib.md5(json.dumps(identity, sort_keys=True).encode(), usedforsecurity=False)
@@ -239,7 +242,7 @@ def _corpus_is_complete(prefix: Path) -> bool:
 
 
 def _build_corpus_locked(
-    final_dir: Path, name: str, tokenizer: TokenizerLike, max_bytes: Optional[int]
+    final_dir: Path, name: str, tokenizer: DatasetTokenizer, max_bytes: Optional[int]
 ) -> None:
     """Build the corpus variant in a temporary directory and rename it into place (under a lock)."""
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +277,7 @@ def _build_corpus_locked(
 def default_corpus_prefix(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     max_bytes: Optional[int] = None,
-    tokenizer: Union[str, TokenizerLike] = "byte",
+    tokenizer: Optional[DatasetTokenizer] = None,
 ) -> str:
     """Path prefix (no ``.bin``/``.idx``) of the default corpus, built on first use.
 
@@ -282,13 +285,14 @@ def default_corpus_prefix(
     document per file, each followed by the end-of-document id; ``max_bytes`` keeps whole
     files up to that many bytes (None: all of them). It lives at
     ``<cache root>/stdlib-byte-v1/py<X.Y>-<max_bytes|all>/stdlib`` (the cache root is
-    :func:`cache_root`), is built once and reused: a rebuild never happens while the
-    ``.bin``/``.idx`` pair exists. Building happens in a temporary directory renamed into
-    place under a file lock, so concurrent processes never see partial files and only one
-    builds. When ``torch.distributed`` is initialised this is collective: global rank 0 builds
-    first, then a barrier (so call it on every rank).
+    :func:`cache_root`; ``stdlib-<digest>-v1`` for a ``tokenizer`` other than the default
+    byte-level one, which tokenizes each file's UTF-8 text), is built once and reused: a
+    rebuild never happens while the ``.bin``/``.idx`` pair exists. Building happens in a
+    temporary directory renamed into place under a file lock, so concurrent processes never
+    see partial files and only one builds. When ``torch.distributed`` is initialised this is
+    collective: global rank 0 builds first, then a barrier (so call it on every rank).
     """
-    tok = load_tokenizer(tokenizer)
+    tok = tokenizer or build_tokenizer()
     final_dir, name = _corpus_location(cache_root(cache_dir), tok, max_bytes)
     prefix = final_dir / name
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -426,14 +430,14 @@ def _check_split_documents(
         )
 
 
-def build_datasets(
+def build_split_datasets(
     data_path: Union[str, Sequence[str]],
     split: str,
     seq_length: int,
     seed: int,
     train_samples: int,
     valid_samples: int,
-    tokenizer: Union[str, TokenizerLike] = "byte",
+    tokenizer: Optional[DatasetTokenizer] = None,
     *,
     test_samples: int = 0,
     path_to_cache: Optional[Union[str, os.PathLike]] = None,
@@ -442,16 +446,16 @@ def build_datasets(
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
     mid_level_dataset_surplus: float = 0.005,
-) -> tuple[Any, Optional[Any]]:
-    """(train, valid) Megatron datasets for a blend, via ``BlendedMegatronDatasetBuilder``.
+) -> tuple[Optional[Any], Optional[Any], Optional[Any]]:
+    """(train, valid, test) Megatron datasets for a blend, via ``BlendedMegatronDatasetBuilder``.
 
     ``data_path`` is Megatron blend syntax (see :func:`parse_blend`), ``split`` the
     ``"train,valid,test"`` weights of each prefix's documents. The train dataset has at least
     ``train_samples`` samples (``GPTDataset`` concatenates documents and repeats epochs as
     needed), valid at least ``valid_samples`` (None when that is 0 or the split gives valid
-    no documents). Each sample is a dict with ``tokens`` and ``labels`` (``[seq_length]``
-    int64), ``loss_mask`` and ``position_ids``. A blend with more than one prefix yields a
-    ``BlendedDataset``, otherwise a ``GPTDataset``.
+    no documents), test at least ``test_samples`` (None when that is 0). Each sample is a dict
+    with ``tokens`` and ``labels`` (``[seq_length]`` int64), ``loss_mask`` and ``position_ids``.
+    A blend with more than one prefix yields a ``BlendedDataset``, otherwise a ``GPTDataset``.
 
     Everything is validated before any work: the blend, the split, the sizes and the
     ``.bin``/``.idx`` files. Megatron's document/sample/shuffle indices are cached under
@@ -475,7 +479,7 @@ def build_datasets(
     if train_samples > 0 and split_weights[0] == 0:
         raise DataError(f"Split {split!r} gives the train split no documents but train_samples > 0.")
     check_prefixes(prefixes)
-    tok = load_tokenizer(tokenizer)
+    tok = tokenizer or build_tokenizer()
     ensure_dataset_helpers()
 
     cache = Path(path_to_cache) if path_to_cache is not None else cache_root() / DATASET_INDEX_DIR
@@ -501,7 +505,7 @@ def build_datasets(
     _check_split_documents(prefixes, config.split_matrix, split)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or _always, config)
     with _process_group_for_megatron():
-        train, valid, _test = builder.build()
+        train, valid, test = builder.build()
     if train is not None and train_samples > 0 and len(train) < train_samples:
         raise DataError(
             f"The train dataset has {len(train)} samples, fewer than train_samples={train_samples}: an "
@@ -510,7 +514,50 @@ def build_datasets(
         )
     if valid_samples == 0:
         valid = None
+    return train, valid, test if test_samples > 0 else None
+
+
+def build_datasets(*args: Any, **kwargs: Any) -> tuple[Any, Optional[Any]]:
+    """(train, valid) of :func:`build_split_datasets` (same arguments)."""
+    train, valid, _test = build_split_datasets(*args, **kwargs)
     return train, valid
+
+
+def build_mock_datasets(
+    seq_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int = 0,
+    test_samples: int = 0,
+    tokenizer: Optional[DatasetTokenizer] = None,
+) -> tuple[Optional[Any], Optional[Any], Optional[Any]]:
+    """(train, valid, test) ``MockGPTDataset``s (Megatron's ``--mock-data``): no files, ids from
+    the tokenizer's vocabulary; a split asked for 0 samples is None."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    if seq_length <= 0 or min(train_samples, valid_samples, test_samples) < 0:
+        raise DataError(
+            f"seq_length must be positive and sample counts >= 0; got {seq_length}, "
+            f"{train_samples}, {valid_samples}, {test_samples}."
+        )
+    ensure_dataset_helpers()
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=None,  # Megatron-Core's mock mode (split 1,1,1)
+        tokenizer=tokenizer or build_tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [train_samples, valid_samples, test_samples]
+    config.split_matrix = [rng if size > 0 else None for rng, size in zip(config.split_matrix, sizes)]
+    builder = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, _always, config)
+    with _process_group_for_megatron():
+        datasets = builder.build()
+    return tuple(dataset if size > 0 else None for dataset, size in zip(datasets, sizes))
 
 
 # --------------------------------------------------------------------------- batches

@@ -32,9 +32,10 @@ def initialize_parallel(
     expert_model_parallel_size: int = 1,
     expert_tensor_parallel_size: Optional[int] = None,
     launch_env: Optional[LaunchEnv] = None,
+    backend: Optional[str] = None,
 ) -> None:
-    """Start ``torch.distributed`` (gloo on CPU, NCCL on GPU) unless already started, then
-    Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage)."""
+    """Start ``torch.distributed`` (``backend``; default gloo on CPU, NCCL on GPU) unless already
+    started, then Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage)."""
     if device == "cpu":
         enable_cpu_backend()
         retain_freed_memory()
@@ -44,7 +45,7 @@ def initialize_parallel(
         if device == "cuda":
             torch.cuda.set_device(env.local_rank)
         torch.distributed.init_process_group(
-            "nccl" if device == "cuda" else "gloo",
+            backend or ("nccl" if device == "cuda" else "gloo"),
             init_method="env://",
             rank=env.rank,
             world_size=env.world_size,

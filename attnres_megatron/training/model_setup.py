@@ -28,7 +28,13 @@ from megatron.core.transformer.module import Float16Module
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
-from attnres_megatron.training.arguments import validate_args
+from attnres_megatron.training.arguments import (
+    ffn_hidden_size,
+    lr_decay_iters,
+    lr_warmup_iters,
+    lr_wsd_decay_iters,
+    validate_args,
+)
 from attnres_megatron.training.distributed import initialize_parallel, resolve_device
 from attnres_megatron.training.launch_env import LaunchEnv, LaunchEnvError, discover_launch_env
 
@@ -64,7 +70,7 @@ def parallel_fields(args: argparse.Namespace, device: str) -> dict:
     return dict(
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_cpu_initialization=device == "cpu",
+        use_cpu_initialization=bool(args.use_cpu_initialization) or device == "cpu",
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_stages(args),
@@ -98,22 +104,44 @@ def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransforme
         moe = {name: getattr(args, name) for name in MOE_FIELDS_FROM_ARGS}
         moe.update(
             num_moe_experts=args.num_experts,
-            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size(args),
             moe_router_dtype="fp32",
         )
     return AttnResTransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        normalization=args.normalization,
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        **gpt_shape_fields(args),
         **parallel_fields(args, device),
         **attn_res_overrides(args),
         **moe,
+    )
+
+
+def gpt_shape_fields(args: argparse.Namespace) -> dict:
+    """Config fields of the GPT shape flags, mapped as Megatron-LM's ``core_transformer_config_from_args``
+    maps them (SwiGLU -> gated SiLU MLP, else GeLU; biases; GQA only with ``--group-query-attention``)."""
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=ffn_hidden_size(args),
+        num_attention_heads=args.num_attention_heads,
+        kv_channels=args.kv_channels,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias or args.add_bias_linear,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        qk_layernorm=args.qk_layernorm,
+        init_method_std=args.init_method_std,
+    )
+
+
+def gpt_model_kwargs(args: argparse.Namespace) -> dict:
+    """``build_gpt_model`` arguments of the GPT flags: positions, their number, tied output weights."""
+    return dict(
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )
 
 
@@ -146,13 +174,20 @@ def initialize_parallel_from_args(args: argparse.Namespace, device: str, launch:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         launch_env=launch,
+        backend=args.distributed_backend if device == "cuda" else "gloo",
     )
 
 
 def run_schedule(
-    schedule, setup: TrainingSetup, args: argparse.Namespace, batches: list, forward_step
+    schedule,
+    setup: TrainingSetup,
+    args: argparse.Namespace,
+    batches: list,
+    forward_step,
+    forward_only: bool = False,
 ) -> list:
-    """One forward-backward over ``batches`` with a Megatron schedule on every model chunk."""
+    """One forward-backward (forward only for evaluation) over ``batches`` with a Megatron
+    schedule on every model chunk."""
     return schedule(
         forward_step_func=forward_step,
         data_iterator=[iter(batches) for _ in setup.chunks],
@@ -160,7 +195,7 @@ def run_schedule(
         num_microbatches=len(batches),
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
 
 
@@ -251,9 +286,8 @@ def setup_training(
             model = build_gpt_model(
                 config,
                 vocab_size=vocab_size,
-                max_sequence_length=args.seq_length,
                 transformer_impl=args.transformer_impl,
-                position_embedding_type=args.position_embedding_type,
+                **gpt_model_kwargs(args),
                 **stage,
             )
         else:
@@ -263,7 +297,11 @@ def setup_training(
                 "local" if args.transformer_impl == "auto" and device == "cpu" else args.transformer_impl
             )
             model = build_kimi_linear_model(
-                config, max_sequence_length=args.seq_length, transformer_impl=transformer_impl, **stage
+                config,
+                vocab_size=vocab_size,  # the tokenizer's, padded (not the preset's)
+                max_sequence_length=args.seq_length,
+                transformer_impl=transformer_impl,
+                **stage,
             )
         model = model.to(device)
         if args.bf16:
@@ -279,6 +317,7 @@ def setup_training(
         weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
         bf16=args.bf16,
         params_dtype=config.params_dtype,
@@ -290,19 +329,17 @@ def setup_training(
     optimizer = get_megatron_optimizer(optimizer_config, ddp, config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters,
+        lr_warmup_steps=lr_warmup_iters(args),
+        lr_decay_steps=lr_decay_iters(args),
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=(args.lr_wsd_decay_iters or max(1, args.train_iters // 10))
-        if args.lr_decay_style == "WSD"
-        else None,
+        wsd_decay_steps=lr_wsd_decay_iters(args) if args.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
     )
     config.finalize_model_grads_func = finalize_model_grads

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -24,14 +26,15 @@ from attnres_megatron.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from attnres_megatron.training.corpus import BYTE_VOCAB_SIZE
 from attnres_megatron.training.data import (
     DataError,
     DataParallelBatches,
-    build_datasets,
+    build_mock_datasets,
+    build_split_datasets,
     default_corpus_prefix,
 )
 from attnres_megatron.training.distributed import shutdown_parallel
+from attnres_megatron.training.evaluation import Evaluator, data_parallel_mean
 from attnres_megatron.training.model_setup import (
     TrainingSetup,
     config_from_args,
@@ -43,6 +46,15 @@ from attnres_megatron.training.model_setup import (
 )
 from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
 from attnres_megatron.training.quiet import hide_cpu_advice, optional_packages_line, quiet_start
+from attnres_megatron.training.tokenizers import TokenizerError, build_tokenizer
+from attnres_megatron.training.training_log import (
+    LOSS_KEY,
+    IntervalStats,
+    TrainingClock,
+    iteration_line,
+    timestamp,
+)
+from attnres_megatron.training.vocabulary import prepare_vocabulary
 
 
 def log(message: str) -> None:
@@ -52,21 +64,36 @@ def log(message: str) -> None:
         print_line(message)
 
 
+def gpt_datasets(
+    args: argparse.Namespace, train_samples: int = 0, valid_samples: int = 0, test_samples: int = 0
+) -> tuple:
+    """Megatron GPT datasets (train, valid, test) over ``--data-path`` (or the built-in corpus,
+    cached) with ``--split``, or Megatron's mock datasets with ``--mock-data``; a split asked for 0
+    samples is None."""
+    tokenizer = build_tokenizer(args)
+    if args.mock_data:
+        return build_mock_datasets(
+            args.seq_length, args.seed, train_samples, valid_samples, test_samples, tokenizer
+        )
+    prefixes = args.data_path or [default_corpus_prefix(max_bytes=args.corpus_bytes, tokenizer=tokenizer)]
+    return build_split_datasets(
+        prefixes,
+        args.split,
+        args.seq_length,
+        args.seed,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
+        test_samples=test_samples,
+        tokenizer=tokenizer,
+    )
+
+
 def training_batches(args: argparse.Namespace, device: str) -> DataParallelBatches:
     """Megatron GPT datasets over ``--data-path`` (or the built-in corpus, cached), read in
     Megatron's sample order: step ``s`` always gets the same samples, so resuming is exact."""
     try:
-        prefixes = args.data_path or [default_corpus_prefix(max_bytes=args.corpus_bytes)]
-        train, _ = build_datasets(
-            prefixes,
-            args.split,
-            args.seq_length,
-            args.seed,
-            train_samples=args.train_iters * args.global_batch_size,
-            valid_samples=0,
-            tokenizer=args.tokenizer,
-        )
-    except DataError as error:
+        train, _, _ = gpt_datasets(args, train_samples=args.train_iters * args.global_batch_size)
+    except (DataError, TokenizerError) as error:
         raise SystemExit(f"error: {error}") from None
     return DataParallelBatches.from_parallel_state(
         train, args.global_batch_size, args.micro_batch_size, device=device
@@ -76,7 +103,7 @@ def training_batches(args: argparse.Namespace, device: str) -> DataParallelBatch
 def loss_func(per_token_loss: torch.Tensor):
     """Mean next-token loss of one micro-batch (Megatron's schedule averages micro-batches)."""
     loss = per_token_loss.float().mean()
-    return loss, {"lm loss": loss.detach().clone()}  # the schedule scales `loss` in place
+    return loss, {LOSS_KEY: loss.detach().clone()}  # the schedule scales `loss` in place
 
 
 def forward_step(batches: Iterator, model: torch.nn.Module):
@@ -87,9 +114,7 @@ def forward_step(batches: Iterator, model: torch.nn.Module):
 
 def reduced_loss(outputs: list[dict]) -> float:
     """Mean loss over micro-batches and data-parallel ranks."""
-    loss = torch.stack([out["lm loss"] for out in outputs]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return loss.item() / parallel_state.get_data_parallel_world_size()
+    return data_parallel_mean([out[LOSS_KEY] for out in outputs])
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -100,9 +125,10 @@ def train(args: argparse.Namespace) -> dict:
         config = config_from_args(args, device)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    prepare_vocabulary(args)  # the tokenizer, args.padded_vocab_size, data and checkpoint checks
     initialize_parallel_from_args(args, device, launch)
     try:
-        setup = setup_training(args, config, BYTE_VOCAB_SIZE, device)
+        setup = setup_training(args, config, args.padded_vocab_size, device)
         return _train(args, setup, device, launch.launcher)
     finally:
         close_progress_bar()
@@ -172,12 +198,190 @@ class TerminationRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+@dataclass
+class StepResult:
+    """One training iteration's outcome."""
+
+    loss: float
+    skipped: bool = False
+    grad_norm: Optional[float] = None
+
+
+class TrainingLoop:
+    """Iterations, Megatron-LM's log lines and TensorBoard scalars, evaluations and checkpoints."""
+
+    def __init__(self, args: argparse.Namespace, setup: TrainingSetup, device: str, start_iteration: int):
+        self.args, self.setup, self.start_iteration = args, setup, start_iteration
+        self.data = training_batches(args, device)
+        self.forward_backward = get_forward_backward_func()
+        self.logs_here = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.board, self.recorder = self._diagnostics()
+        build = partial(gpt_datasets, args, 0)
+        self.evaluator = Evaluator(setup, args, build, forward_step, log, self.board, start_iteration, device)
+        self.losses: list[float] = []
+        self.skipped: list[int] = []
+        self.saved_at: Optional[int] = None
+        self.stopped = False
+        self.clock = TrainingClock()
+        self.stats, self.interval_start = IntervalStats(), 0.0
+
+    def _diagnostics(self) -> tuple[Any, Any]:
+        """TensorBoard writer (logging rank only) and depth recorder, with --tensorboard-dir."""
+        if not self.args.tensorboard_dir:
+            return None, None
+        from attnres_megatron.diagnostics import DepthAttentionRecorder, TrainingLogger
+
+        board = TrainingLogger(self.args.tensorboard_dir, enabled=self.logs_here)
+        recorder = DepthAttentionRecorder(self.setup.unwrapped(), enabled=self.setup.config.attn_res_enabled)
+        return board, recorder
+
+    def run(self) -> int:
+        """Train to ``--train-iters`` (or an early stop); returns the last iteration."""
+        termination = TerminationRequest()
+        enabled = self.logs_here and not self.args.no_progress_bar
+        progress = ProgressBar(self.args.train_iters, self.start_iteration, enabled=enabled)
+        self.clock = TrainingClock()
+        iteration = self.start_iteration
+        try:
+            for iteration in range(self.start_iteration + 1, self.args.train_iters + 1):
+                result = self.step(iteration)
+                progress.update(None if result.skipped else result.loss, skipped=result.skipped)
+                self.report(iteration, result)
+                if self.evaluator.due(iteration):
+                    with self.clock.pause("evaluation"):
+                        self.evaluator.periodic(iteration)
+                if self.after_iteration(iteration, termination):
+                    break
+        finally:
+            termination.restore()
+            progress.close()
+        return iteration
+
+    def step(self, iteration: int) -> StepResult:
+        """One forward-backward and optimizer step over the iteration's global batch."""
+        for chunk in self.setup.chunks:
+            chunk.zero_grad_buffer()
+        self.setup.optimizer.zero_grad()
+        record = self.recorder is not None and self.logging_iteration(iteration)
+        if record:
+            self.recorder.reset()
+            self.recorder.attach()
+        batches = self.data.batches(iteration - 1)
+        outputs = run_schedule(self.forward_backward, self.setup, self.args, batches, forward_step)
+        loss = reduced_loss(outputs) if self.last_stage else 0.0
+        if record:
+            self.recorder.detach()
+        if not grads_are_finite(self.setup) or not math.isfinite(loss):
+            return self.skip(iteration, loss)
+        if record:
+            self.log_depth(iteration)
+        updated, grad_norm, _ = self.setup.optimizer.step()
+        if not updated:
+            raise SystemExit(f"error: the optimizer rejected iteration {iteration} (gradient overflow).")
+        self.setup.scheduler.step(increment=1)
+        self.losses.append(loss)
+        return StepResult(loss, grad_norm=grad_norm)
+
+    def skip(self, iteration: int, loss: float) -> StepResult:
+        """A non-finite iteration: stop, or skip it with --skip-nonfinite-steps."""
+        if not self.args.skip_nonfinite_steps:
+            raise SystemExit(
+                f"error: non-finite loss or gradients at iteration {iteration} "
+                "(--skip-nonfinite-steps skips such iterations instead)."
+            )
+        progress = f"{iteration:8d}/{self.args.train_iters:8d}"
+        log(f" {timestamp()} iteration {progress} | skipped: non-finite loss or gradients |")
+        self.skipped.append(iteration)
+        self.setup.scheduler.step(increment=1)
+        return StepResult(loss, skipped=True)
+
+    def log_depth(self, iteration: int) -> None:
+        """Per-sublayer RMS, per-layer gradient norms and the depth heatmap (``attn_res/``)."""
+        from attnres_megatron.diagnostics import layer_gradient_norms, output_rms
+
+        snapshot = self.recorder.snapshot()
+        self.board.log_layer_stats(iteration, output_rms(snapshot), layer_gradient_norms(self.setup.chunks))
+        if snapshot:
+            self.board.log_depth_heatmap(iteration, snapshot)
+
+    def logging_iteration(self, iteration: int) -> bool:
+        """Whether ``iteration`` prints a log line: every ``--log-interval``, the last one and,
+        as in Megatron-LM, the first of the run."""
+        return self.regular_log(iteration) or iteration == self.start_iteration + 1
+
+    def regular_log(self, iteration: int) -> bool:
+        """A log line that closes an interval (every ``--log-interval`` and the last iteration)."""
+        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+
+    def report(self, iteration: int, result: StepResult) -> None:
+        """Megatron-LM's per-iteration TensorBoard scalars and, when due, the log line."""
+        self.stats.add(result.loss, result.skipped)
+        learning_rate = self.setup.optimizer.param_groups[0]["lr"]
+        loss_scale = self.setup.optimizer.get_loss_scale().item()
+        if self.board is not None:
+            loss = None if result.skipped else result.loss
+            consumed = iteration * self.args.global_batch_size
+            gbs = self.args.global_batch_size
+            self.board.log_training(
+                iteration, consumed, learning_rate, gbs, loss, loss_scale, result.grad_norm
+            )
+        if self.logging_iteration(iteration):
+            self.log_line(iteration, learning_rate, loss_scale, result.grad_norm)
+
+    def log_line(
+        self, iteration: int, learning_rate: float, loss_scale: float, grad_norm: Optional[float]
+    ) -> None:
+        """The iteration log line; a regular one also writes the timing scalars and starts a new
+        interval (the first line of a run does not, as in Megatron-LM)."""
+        args, now = self.args, self.clock.elapsed()
+        seconds = (now - self.interval_start) / max(1, self.stats.iterations)
+        consumed = iteration * args.global_batch_size
+        stats = (iteration, args.train_iters, consumed, 1000 * seconds, learning_rate, args.global_batch_size)
+        log(iteration_line(*stats, self.stats, loss_scale, grad_norm))
+        if not self.regular_log(iteration):
+            return
+        if self.board is not None:
+            self.board.log_timing(iteration, seconds, args.global_batch_size * args.seq_length / seconds)
+        self.stats, self.interval_start = IntervalStats(), now
+
+    def after_iteration(self, iteration: int, termination: TerminationRequest) -> bool:
+        """Save when due; whether to stop (SIGTERM or --exit-interval; saved first with --save)."""
+        exiting = bool(self.args.exit_interval) and iteration % self.args.exit_interval == 0
+        self.stopped = termination.everywhere() or exiting
+        interval = self.args.save_interval
+        if self.args.save and ((interval and iteration % interval == 0) or self.stopped):
+            self.save(iteration)
+        if self.stopped:
+            reason = "--exit-interval reached" if exiting else "SIGTERM received"
+            log(f"> {reason}: stopped after iteration {iteration}")
+        return self.stopped
+
+    def save(self, iteration: int) -> None:
+        """A checkpoint at ``iteration`` (its time is not training time)."""
+        state = {"consumed_samples": iteration * self.args.global_batch_size}
+        with self.clock.pause("checkpoint"):
+            save_checkpoint(self.setup, iteration, self.args.save, state, self.args)
+        self.saved_at = iteration
+        log(f"> saved checkpoint at iteration {iteration} to {self.args.save}")
+
+    def finish(self, iteration: int) -> None:
+        """The last checkpoint and, unless stopped early (as Megatron-LM), the final
+        validation and test evaluations."""
+        if self.args.save and iteration > self.start_iteration and self.saved_at != iteration:
+            self.save(iteration)
+        if not self.stopped:
+            with self.clock.pause("evaluation"):
+                self.evaluator.final(iteration)
+        if self.board is not None:
+            self.board.close()
+
+
 def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher: str) -> dict:
     missing = optional_packages_line()
     if missing:
         log(f"> {missing}")
     log(_describe(args, setup, device, launcher))
-    data = training_batches(args, device)
     start_iteration = 0
     if args.load:
         try:
@@ -186,128 +390,14 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
             raise SystemExit(f"error: {error}") from None
         log(describe_load(loaded, args.load))
         start_iteration = loaded.iteration
-    forward_backward = get_forward_backward_func()
-    logs_here = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-    board, recorder = None, None
-    if args.tensorboard_dir:
-        from attnres_megatron.diagnostics import DepthAttentionRecorder, TrainingLogger
-
-        board = TrainingLogger(args.tensorboard_dir, enabled=logs_here)
-        recorder = DepthAttentionRecorder(setup.unwrapped(), enabled=setup.config.attn_res_enabled)
-    losses: list[float] = []
-    skipped: list[int] = []
-    saved_at = None
-    termination = TerminationRequest()
-    start = interval_start = time.perf_counter()
-    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    for chunk in setup.chunks:
-        chunk.train()
-    progress = ProgressBar(args.train_iters, start_iteration, enabled=logs_here and not args.no_progress_bar)
-    for step in range(start_iteration, args.train_iters):
-        for chunk in setup.chunks:
-            chunk.zero_grad_buffer()
-        setup.optimizer.zero_grad()
-        batches = data.batches(step)
-        logging_step = (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters
-        if recorder is not None and logging_step:
-            recorder.reset()
-            recorder.attach()
-        outputs = run_schedule(forward_backward, setup, args, batches, forward_step)
-        loss = reduced_loss(outputs) if last_stage else 0.0
-        if recorder is not None and recorder.attached:
-            recorder.detach()
-        if not grads_are_finite(setup) or not torch.isfinite(torch.tensor(loss)):
-            if not args.skip_nonfinite_steps:
-                raise SystemExit(
-                    f"error: non-finite loss or gradients at iteration {step + 1} "
-                    "(--skip-nonfinite-steps skips such iterations instead)."
-                )
-            log(f" iteration {step + 1:8d}/{args.train_iters:8d} | skipped: non-finite loss or gradients |")
-            skipped.append(step + 1)
-            progress.update(skipped=True)
-            setup.scheduler.step(increment=1)
-            continue
-        if board is not None and logging_step:
-            from attnres_megatron.diagnostics import layer_gradient_norms, output_rms
-
-            snapshot = recorder.snapshot()
-            board.log_layer_stats(step + 1, output_rms(snapshot), layer_gradient_norms(setup.chunks))
-            if snapshot:
-                board.log_depth_heatmap(step + 1, snapshot)
-        updated, grad_norm, _ = setup.optimizer.step()
-        if not updated:
-            raise SystemExit(f"error: the optimizer rejected iteration {step + 1} (gradient overflow).")
-        setup.scheduler.step(increment=1)
-        losses.append(loss)
-        progress.update(loss)
-        if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
-            now = time.perf_counter()
-            steps = (step % args.log_interval) + 1
-            log(
-                f" iteration {step + 1:8d}/{args.train_iters:8d} | consumed samples: "
-                f"{(step + 1) * args.global_batch_size:10d} | elapsed time per iteration (ms): "
-                f"{1000 * (now - interval_start) / steps:.1f} | learning rate: "
-                f"{setup.optimizer.param_groups[0]['lr']:.3E} | lm loss: {loss:.6E} | grad norm: "
-                f"{grad_norm:.3f} |"
-            )
-            if board is not None:
-                board.log_scalars(
-                    step + 1,
-                    loss=loss,
-                    lr=setup.optimizer.param_groups[0]["lr"],
-                    grad_norm=grad_norm,
-                    tokens_per_second=args.global_batch_size
-                    * args.seq_length
-                    * steps
-                    / (now - interval_start),
-                )
-            interval_start = now
-        exiting = bool(args.exit_interval) and (step + 1) % args.exit_interval == 0
-        stop = termination.everywhere() or exiting
-        if args.save and ((args.save_interval and (step + 1) % args.save_interval == 0) or stop):
-            save_checkpoint(
-                setup, step + 1, args.save, {"consumed_samples": (step + 1) * args.global_batch_size}, args
-            )
-            saved_at = step + 1
-            log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
-        if stop:
-            reason = "--exit-interval reached" if exiting else "SIGTERM received"
-            log(f"> {reason}: stopped after iteration {step + 1}")
-            break
-    termination.restore()
-    progress.close()
-    if board is not None:
-        board.close()
-    if args.save and saved_at != step + 1:
-        save_checkpoint(
-            setup, step + 1, args.save, {"consumed_samples": (step + 1) * args.global_batch_size}, args
-        )
-        log(f"> saved checkpoint at iteration {step + 1} to {args.save}")
-    elapsed = time.perf_counter() - start
-    tokens = args.global_batch_size * args.seq_length * max(1, len(losses))
-    pipeline = pipeline_traffic(setup)
-    summary = {
-        "model": args.model,
-        "attention_residuals": setup.config.attention_residuals,
-        "sublayers_per_block": setup.config.attn_res_sublayers_per_block,
-        "train_iters": args.train_iters,
-        "start_iteration": start_iteration,
-        "skipped_iterations": skipped,
-        "initial_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "tokens_per_second": tokens / elapsed,
-        "elapsed_seconds": elapsed,
-        "world_size": torch.distributed.get_world_size(),
-        "pipeline_traffic": pipeline,
-        "launcher": launcher,
-        "device": device,
-    }
-    log(
-        f"> done: {len(losses)} iterations in {elapsed:.1f} s | tokens/s: "
-        f"{summary['tokens_per_second']:.0f} | loss {summary['initial_loss']} -> {summary['final_loss']} | "
-        f"attention residuals: {setup.config.attention_residuals}"
-    )
+    started = time.perf_counter()
+    loop = TrainingLoop(args, setup, device, start_iteration)
+    iteration = loop.run()
+    train_seconds = loop.clock.elapsed()
+    loop.finish(iteration)
+    summary = run_summary(args, setup, loop, launcher, device, train_seconds)
+    summary["elapsed_seconds"] = time.perf_counter() - started
+    log(done_line(summary))
     if args.save:
         log(f"> checkpoint: {os.path.abspath(args.save)} (resume with --load {args.save})")
     if args.tensorboard_dir:
@@ -317,6 +407,58 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
         with open(args.summary_json, "w") as handle:
             json.dump(summary, handle, indent=2)
     return summary
+
+
+def run_summary(
+    args: argparse.Namespace,
+    setup: TrainingSetup,
+    loop: TrainingLoop,
+    launcher: str,
+    device: str,
+    train_seconds: float,
+) -> dict:
+    """The run's summary (also ``--summary-json``); tokens/s over training time only."""
+    losses = loop.losses
+    tokens = args.global_batch_size * args.seq_length * max(1, len(losses))
+    return {
+        "model": args.model,
+        "attention_residuals": setup.config.attention_residuals,
+        "sublayers_per_block": setup.config.attn_res_sublayers_per_block,
+        "train_iters": args.train_iters,
+        "start_iteration": loop.start_iteration,
+        "skipped_iterations": loop.skipped,
+        "initial_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        **loop.evaluator.summary(),
+        "tokens_per_second": tokens / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "evaluation_seconds": loop.clock.paused.get("evaluation", 0.0),
+        "checkpoint_seconds": loop.clock.paused.get("checkpoint", 0.0),
+        "world_size": torch.distributed.get_world_size(),
+        "pipeline_traffic": pipeline_traffic(setup),
+        "launcher": launcher,
+        "device": device,
+    }
+
+
+def _rounded(value: Optional[float]) -> str:
+    """A loss for the summary line: four decimals, ``n/a`` when absent."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def done_line(summary: dict) -> str:
+    """The closing summary line, rounded."""
+    line = (
+        f"> done: {len(summary['losses'])} iterations in {summary['train_seconds']:.1f} s (evaluation "
+        f"{summary['evaluation_seconds']:.1f} s, checkpoints {summary['checkpoint_seconds']:.1f} s) | "
+        f"tokens/s: {summary['tokens_per_second']:.0f} | lm loss {_rounded(summary['initial_loss'])} -> "
+        f"{_rounded(summary['final_loss'])}"
+    )
+    for split in ("validation", "test"):
+        if summary[f"{split}_loss"] is not None:
+            line += f" | {split} lm loss {_rounded(summary[f'{split}_loss'])}"
+    return line + f" | attention residuals: {summary['attention_residuals']}"
 
 
 def pipeline_traffic(setup: TrainingSetup) -> list[dict]:
