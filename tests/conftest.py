@@ -134,6 +134,16 @@ MARKS = {
     "test_checkpoint.py::test_bad_checkpoints_fail_before_training": SLOW,
     "test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_exits_cleanly": SLOW,
     "test_checkpoint.py::test_non_finite_steps_stop_with_the_iteration_or_are_skipped": SLOW,
+    "test_checkpoint_faults.py::test_a_planted_metadata_pickle_is_refused_and_never_runs": SLOW,
+    "test_checkpoint_faults.py::test_a_planted_common_pickle_is_refused_by_pretrain_and_the_plot_tool": SLOW,
+    "test_checkpoint_faults.py::test_a_flipped_bit_names_the_file": SLOW,  # `saved`: a CLI run
+    "test_checkpoint_faults.py::test_a_save_killed_at_any_stage_leaves_a_loadable_checkpoint": SLOW,
+    "test_checkpoint_faults.py::test_a_real_overwrite_killed_midway_keeps_the_previous_checkpoint": SLOW,
+    "test_checkpoint_faults.py::test_a_resume_refuses_what_does_not_match_before_any_work": SLOW,
+    "test_checkpoint_faults.py::test_a_fresh_run_into_a_finished_runs_directory_is_refused": SLOW,
+    "test_checkpoint_faults.py::test_schedule_flags_and_batch_changes_are_reported": SLOW,
+    "test_checkpoint_faults.py::test_a_finished_job_run_again_exits_0_before_any_work": SLOW,
+    "test_fail_early.py::test_a_full_disk_on_the_first_save_exits_non_zero_with_the_reason": SLOW,
     "test_pretrain_cli.py::test_pretrain_20_steps_loss_decreases": SLOW,
     "test_pretrain_cli.py::test_the_cli_refuses_bad_flags_before_training": SLOW,
     "test_pretrain_cli.py::test_tensorboard_diagnostics_and_wsd_schedule": SLOW,
@@ -163,11 +173,17 @@ MARKS = {
     "test_diagnostics.py::test_plot_tool_random_init_demo": SLOW,
     "test_diagnostics.py::test_plot_tool_reads_a_distributed_checkpoint": SLOW,
     "test_examples.py::test_tiny_cpu_example_trains": SLOW,
+    "test_examples.py::test_bpe_cpu_example_trains_and_evaluates[single]": SLOW,
+    "test_examples.py::test_bpe_cpu_example_trains_and_evaluates[tp2_sp]": DISTRIBUTED,
     "test_cpu_malloc.py::test_retained_memory_is_reused_without_page_faults": SLOW,
     "test_data.py::test_the_tool_exits_2_on_bad_input": SLOW,
     "test_data.py::test_default_corpus_concurrent_processes": DISTRIBUTED,
     "test_data.py::test_preprocess_workers_match_serial": MULTI_PROCESS_QUICK,
     "test_launch_env.py::test_real_mpirun_two_ranks_all_reduce": MULTI_PROCESS_QUICK,
+    "test_kernel_build.py::test_real_build_records_its_hash_and_loads_from_the_cache": SLOW,
+    "test_collective_faults.py::test_a_stopped_rank_makes_the_other_exit_with_the_collective_named": (
+        DISTRIBUTED
+    ),
 }
 
 

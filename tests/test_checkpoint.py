@@ -166,4 +166,8 @@ def test_non_finite_steps_stop_with_the_iteration_or_are_skipped(tmp_path):
     stopped = pretrain(SINGLE, *BASE, *BLOCK, *explode)
     assert stopped.returncode != 0 and "non-finite loss or gradients at iteration" in stopped.stderr
     skipping = run(SINGLE, tmp_path, "skip", *BLOCK, *explode, "--skip-nonfinite-steps")
-    assert skipping["skipped_iterations"]
+    assert 1 <= len(skipping["skipped_iterations"]) <= 10  # within --max-skipped-nonfinite-steps' default
+    limit = ["--skip-nonfinite-steps", "--max-skipped-nonfinite-steps", "2"]
+    diverging = pretrain(SINGLE, *BASE, *BLOCK, *explode, *limit)
+    assert diverging.returncode != 0, diverging.stdout[-2000:]
+    assert "more than --max-skipped-nonfinite-steps 2: the run is diverging" in diverging.stderr

@@ -104,13 +104,14 @@ def test_fused_impl_routes_cpu_tensors_to_the_cpp_kernels(monkeypatch):
     )
 
 
-def test_build_failure_names_the_fix(monkeypatch):
+def test_build_failure_names_the_fix(monkeypatch, tmp_path):
     from attnres_megatron.ops.cpu_extension import cpu_extension
 
     def broken(*args, **kwargs):
         raise OSError("no C++ compiler")
 
     cpu_extension.cache_clear()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no verified library to load instead
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", broken)
     try:
         with pytest.raises(RuntimeError, match="--attn-res-impl torch"):

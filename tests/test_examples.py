@@ -5,6 +5,7 @@ CPU example trains, and the Megatron-LM scripts (GPU clusters) run up to their l
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -18,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch")])
 EXPECTED = {
     "pretrain_tiny_cpu.sh",
+    "pretrain_bpe_cpu.sh",
     "pretrain_torchrun.sh",
     "pretrain_mpirun.sh",
     "slurm_attnres_moe.sbatch",
@@ -249,3 +251,45 @@ def test_tiny_cpu_example_trains(tmp_path):
         2,
         4,
     )
+
+
+@pytest.fixture(scope="module")
+def bpe_example_work(tmp_path_factory) -> Path:
+    """One work directory for both runs: the example trains its tokenizer there once."""
+    return tmp_path_factory.mktemp("bpe_example")
+
+
+@needs_bash
+@pytest.mark.parametrize("nproc", [1, 2], ids=["single", "tp2_sp"])
+def test_bpe_cpu_example_trains_and_evaluates(bpe_example_work, tmp_path, nproc):
+    from conftest import free_port
+
+    summary = tmp_path / "summary.json"
+    variables = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        WORK=str(bpe_example_work),
+        NPROC=str(nproc),
+        MASTER_PORT=str(free_port()),
+        VOCAB_SIZE="512",
+        TOKENIZER_BYTES="300000",
+        TRAIN_ITERS="4",
+        EVAL_INTERVAL="2",
+        EVAL_ITERS="1",
+        LOG_INTERVAL="2",
+        ATTNRES_CACHE_DIR=str(bpe_example_work / "cache"),
+    )
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "pretrain_bpe_cpu.sh"), "--corpus-bytes", "300000", "--seq-length", "32"]
+        + ["--lr-warmup-iters", "1", "--split", "80,20,0", "--summary-json", str(summary)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=variables,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert len(result["losses"]) == 4 and abs(result["losses"][0] - math.log(512)) < 0.5
+    validations = [e["iteration"] for e in result["evaluations"] if e["split"] == "validation"]
+    assert validations == [2, 4, 4] and math.isfinite(result["validation_loss"])
+    assert "validation loss at iteration 4 on validation set" in done.stdout

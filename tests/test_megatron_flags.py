@@ -107,6 +107,7 @@ MEGATRON_LM_DEFAULTS = {
     "--expert-model-parallel-size": 1,
     "--expert-tensor-parallel-size": None,
     "--distributed-backend": "nccl",
+    "--distributed-timeout-minutes": 10,
     # mixture of experts
     "--num-experts": None,
     "--moe-router-topk": 2,
@@ -161,6 +162,9 @@ ATTNRES_ONLY = {
     "--attn-res-weight-decay",
     "--corpus-bytes",
     "--skip-nonfinite-steps",
+    "--max-skipped-nonfinite-steps",
+    "--overwrite-checkpoints",
+    "--no-verify-checkpoint",
     "--no-progress-bar",
     "--verbose-warnings",
     "--device",
@@ -370,7 +374,7 @@ def test_defaults_match_megatron_lms_own_source():
         (["--num-layers-per-virtual-pipeline-stage", "2"], "use --num-virtual-stages-per-pipeline-rank"),
         (["--data-cache-path", "/tmp/x"], "$ATTNRES_CACHE_DIR"),
         (["--num-workers", "2"], "--num-workers (a Megatron-LM flag): not supported"),
-        (["--distributed-timeout-minutes", "30"], "--distributed-timeout-minutes (a Megatron-LM flag): not"),
+        (["--async-save"], "--async-save (a Megatron-LM flag): not supported"),
         (["--use-legacy-models"], "Megatron-Core models only"),
         (["--rotary-base=500000"], "--rotary-base (a Megatron-LM flag): not supported: RoPE"),
         (["--recompute-activations"], "use --recompute-granularity selective"),
@@ -407,6 +411,7 @@ def test_the_table_lists_no_flag_attnres_pretrain_takes():
         (["--num-query-groups", "2"], "--num-query-groups needs --group-query-attention"),
         (["--attention-backend", "flash"], "invalid choice: 'flash'"),
         (["--ckpt-format", "torch"], "invalid choice: 'torch'"),
+        (["--distributed-timeout-minutes", "0"], "must be a positive number of minutes, got 0"),
     ],
 )
 def test_accepted_flags_refuse_what_they_cannot_do(argv, message, capsys):

@@ -374,41 +374,65 @@ def test_out_of_range_token_ids_are_refused_before_any_work(pretrain_refusal, bp
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory, bpe, bpe_data) -> tuple[dict, Path]:
-    """20 steps of attnres-pretrain on the BPE data, single process, saved; (summary, checkpoint)."""
-    directory = tmp_path_factory.mktemp("bpe_run")
-    summary = directory / "summary.json"
-    ck = directory / "ck"
+BPE_TRAINING = (
+    "--train-iters",
+    "20",
+    "--eval-interval",
+    "10",
+    "--eval-iters",
+    "2",
+    "--hidden-dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--normalization",
+    "RMSNorm",
+    "--tokenizer-type",
+    "HuggingFaceTokenizer",
+    "--attention-residuals",
+    "block",
+    "--attn-res-block-size",
+    "2",
+)
+"""20 steps on the 1000-id BPE data, evaluating at 10 and 20 and at the end (no dropout, so every
+layout computes the same losses)."""
+
+
+def bpe_training(bpe: dict[int, Path], bpe_data: str, summary: Path, *extra: str, **kwargs):
     result = pretrain(
         *TINY,
-        "--train-iters",
-        "20",
-        "--data-path",
-        bpe_data,
-        "--tokenizer-type",
-        "HuggingFaceTokenizer",
+        *BPE_TRAINING,
         "--tokenizer-model",
         str(bpe[1000]),
-        "--attention-residuals",
-        "block",
-        "--attn-res-block-size",
-        "2",
-        "--save",
-        str(ck),
+        "--data-path",
+        bpe_data,
         "--summary-json",
         str(summary),
+        *extra,
+        **kwargs,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(summary.read_text()), ck
+    return json.loads(summary.read_text()), result.stdout
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory, bpe, bpe_data) -> tuple[dict, Path, str]:
+    """The BPE training single process, saved; (summary, checkpoint, log)."""
+    directory = tmp_path_factory.mktemp("bpe_run")
+    ck = directory / "ck"
+    summary, log = bpe_training(bpe, bpe_data, directory / "summary.json", "--save", str(ck))
+    return summary, ck, log
 
 
 @pytest.mark.slow
-def test_pretrain_trains_20_steps_with_a_bpe_tokenizer(bpe_run, bpe, pretrain_refusal, tmp_path):
-    summary, ck = bpe_run
+def test_pretrain_trains_and_evaluates_with_a_bpe_tokenizer(bpe_run, bpe, pretrain_refusal, tmp_path):
+    summary, ck, log = bpe_run
     losses = summary["losses"]
     assert len(losses) == 20 and np.log(1000) - 0.3 < losses[0] < np.log(1000) + 0.5
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert [e["iteration"] for e in summary["evaluations"] if e["split"] == "validation"] == [10, 20, 20]
+    assert summary["validation_loss"] < np.log(1000) - 0.3
+    assert "validation loss at iteration 20 on validation set | lm loss value:" in log
 
     # The vocabulary is saved with the run's arguments: the plot tool rebuilds the same model.
     from megatron.core import dist_checkpointing
@@ -433,9 +457,15 @@ def test_pretrain_trains_20_steps_with_a_bpe_tokenizer(bpe_run, bpe, pretrain_re
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_pretrain_with_a_bpe_tokenizer_under_torchrun_tp2(bpe_run, bpe, bpe_data, tmp_path):
-    single, _ = bpe_run
-    summary = tmp_path / "tp2.json"
+@pytest.mark.parametrize(
+    "layout",
+    [("--tensor-model-parallel-size", "2", "--sequence-parallel"), ("--pipeline-model-parallel-size", "2")],
+    ids=["tp2_sp", "pp2"],
+)
+def test_bpe_training_and_evaluation_under_torchrun(bpe_run, bpe, bpe_data, tmp_path, layout):
+    """TP2+SP computes the single process's losses; PP2 trains and evaluates the same way from
+    its own initialisation (Megatron seeds each pipeline stage with seed + 100 x its rank)."""
+    single, _, _ = bpe_run
     torchrun = (
         sys.executable,
         "-m",
@@ -443,30 +473,19 @@ def test_pretrain_with_a_bpe_tokenizer_under_torchrun_tp2(bpe_run, bpe, bpe_data
         "--nproc-per-node=2",
         f"--master-port={free_port()}",
     )
-    result = pretrain(
-        *TINY,
-        "--train-iters",
-        "20",
-        "--data-path",
-        bpe_data,
-        "--tokenizer-type",
-        "HuggingFaceTokenizer",
-        "--tokenizer-model",
-        str(bpe[1000]),
-        "--attention-residuals",
-        "block",
-        "--attn-res-block-size",
-        "2",
-        "--tensor-model-parallel-size",
-        "2",
-        "--summary-json",
-        str(summary),
-        launcher=torchrun,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = json.loads(summary.read_text())["losses"]
-    assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
-    np.testing.assert_allclose(losses[:3], single["losses"][:3], rtol=2e-3)  # same model, vocabulary 1024
+    summary, log = bpe_training(bpe, bpe_data, tmp_path / "run.json", *layout, launcher=torchrun)
+    got = [(e["split"], e["iteration"], e["loss"]) for e in summary["evaluations"]]
+    want = [(e["split"], e["iteration"], e["loss"]) for e in single["evaluations"]]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert "validation loss at iteration 20 on validation set | lm loss value:" in log
+    if "--pipeline-model-parallel-size" in layout:
+        losses = summary["losses"]
+        assert np.log(1000) - 0.3 < losses[0] < np.log(1000) + 0.5
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+        assert summary["validation_loss"] < np.log(1000) - 0.3
+        return
+    np.testing.assert_allclose(summary["losses"], single["losses"], rtol=1e-4)  # fp32, vocabulary 1024
+    np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- --mock-data

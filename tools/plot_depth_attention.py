@@ -11,7 +11,9 @@ Inputs (one of):
   (Megatron-Core ``dist_checkpointing``, any TP/PP layout). The latest iteration named by
   ``DIR/latest_checkpointed_iteration.txt`` is read; the model is rebuilt from the run's
   arguments stored in the checkpoint (made single-process and fp32) and its weights are
-  loaded through Megatron's sharded state dict, resharded to one process.
+  loaded through Megatron's sharded state dict, resharded to one process. Its files are first
+  checked against the checkpoint's sha256 manifest (``--no-verify-checkpoint`` skips that), and
+  every pickle in it is read with ``attnres_megatron.training.safe_unpickle``'s allowlist.
 
 * ``--checkpoint DIR``: the plugin's "plain" export, a directory holding
 
@@ -181,7 +183,12 @@ def model_vocab_size(args: argparse.Namespace) -> int:
 
 def load_plain_export(model: torch.nn.Module, directory: Path) -> None:
     """Load ``directory/model_state.pt`` (see the module docstring) into ``model``."""
-    state = torch.load(directory / "model_state.pt", map_location="cpu", weights_only=True)
+    from attnres_megatron.training.safe_unpickle import RefusedPickleError, restricted_torch_load
+
+    try:
+        state = restricted_torch_load(directory / "model_state.pt")
+    except RefusedPickleError as error:
+        raise SystemExit(f"error: {error}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     state = {key.removeprefix("module.").removeprefix("module."): value for key, value in state.items()}
@@ -206,27 +213,25 @@ class _ModelOnly:
         return [self.model]
 
 
-def checkpoint_args(root: Path) -> tuple[argparse.Namespace, int]:
-    """The saving run's arguments and the latest iteration of the checkpoint under ``root``."""
-    from megatron.core import dist_checkpointing
-
+def checkpoint_args(root: Path, verify: bool = True) -> tuple[argparse.Namespace, int]:
+    """The saving run's arguments and the latest iteration of the checkpoint under ``root``
+    (its files checked against its sha256 manifest first, unless ``verify`` is False)."""
     from attnres_megatron.training.checkpointing import (
-        READ_ERRORS,
         CheckpointError,
-        iteration_dir,
-        latest_iteration,
+        latest_checkpoint,
+        read_common,
+        verify_checkpoint,
     )
 
     try:
-        iteration = latest_iteration(str(root))
+        iteration, path = latest_checkpoint(str(root))
+        note = verify_checkpoint(path, str(root)) if verify else None
+        common = read_common(path, str(root))
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
-    path = iteration_dir(str(root), iteration)
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except READ_ERRORS as error:
-        raise SystemExit(f"error: --load {root}: cannot read {path}: {error}") from None
-    saved = common.get("args") if isinstance(common, dict) else None
+    if note:
+        print(note, file=sys.stderr)
+    saved = common.get("args")
     if not isinstance(saved, dict) or not saved:
         raise SystemExit(
             f"error: --load {root}: {path} holds no run arguments; point --load at a directory "
@@ -240,7 +245,7 @@ def load_distributed_checkpoint(model: torch.nn.Module, root: Path) -> None:
     from attnres_megatron.training.checkpointing import CheckpointError, load_checkpoint
 
     try:
-        loaded = load_checkpoint(_ModelOnly(model), str(root), load_optimizer=False)
+        loaded = load_checkpoint(_ModelOnly(model), str(root), load_optimizer=False, verify=False)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
     if loaded.warm_start:
@@ -308,6 +313,11 @@ def parse_cli(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("depth_attention.png"), help="PNG to write")
     parser.add_argument("--snapshot-json", type=Path, help="also write the recorder snapshot as JSON")
     parser.add_argument(
+        "--no-verify-checkpoint",
+        action="store_true",
+        help="with --load: skip checking the files against the checkpoint's sha256 manifest",
+    )
+    parser.add_argument(
         "--seq-length", type=int, default=None, help="tokens per sample (default: the saved run's, or 64)"
     )
     parser.add_argument("--batch-size", type=int, default=2)
@@ -327,7 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Command line: build or load the model, record one forward, print and plot."""
     cli = parse_cli(argv)
     if cli.load is not None:
-        args, iteration = checkpoint_args(cli.load)
+        args, iteration = checkpoint_args(cli.load, verify=not cli.no_verify_checkpoint)
         label = f"{cli.load}, iteration {iteration}"
     elif cli.checkpoint is not None:
         args_path = cli.checkpoint / "args.json"

@@ -3,10 +3,12 @@
 Inputs (files or glob patterns, in the order given, each glob sorted):
 
 * ``*.jsonl`` / ``*.json`` / ``*.ndjson``: one JSON object per line, the document text in
-  ``--json-key`` (default ``text``); blank lines are skipped, a malformed line is an error
-  that names the file and line.
+  ``--json-key`` (default ``text``); blank lines are skipped.
 * anything else: UTF-8 text, one document per file, or one per non-empty line with
   ``--split-lines``.
+
+Input that cannot be decoded (bytes that are not UTF-8, a malformed JSON line, a line without
+``--json-key``) stops the tool with exit status 2 and a message naming the file and line.
 
 Every document is tokenized with the Megatron-Core tokenizer that Megatron-LM's flags name
 (``--tokenizer-type``, default ``ByteLevelTokenizer``; ``--tokenizer-model``, ``--vocab-size``;
@@ -76,30 +78,50 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return files
 
 
+def decode_utf8(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """``raw`` as UTF-8; :class:`DataError` naming ``path``, the line and the column of a bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); convert "
+            "the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or fix that line."
+        ) from None
+
+
+def json_text(line: str, path: Path, number: int, json_key: str) -> str:
+    """The ``json_key`` text of one JSONL line; :class:`DataError` naming the file and line otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: malformed JSON line ({err.msg}).") from err
+    if not isinstance(record, dict) or json_key not in record:
+        raise DataError(
+            f"{path}:{number}: expected a JSON object with the key {json_key!r} "
+            f"(set --json-key); got {type(record).__name__}"
+            + (f" with keys {sorted(record)}" if isinstance(record, dict) else "")
+            + "."
+        )
+    text = record[json_key]
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{number}: {json_key!r} is {type(text).__name__}, not a string.")
+    return text
+
+
 def iter_documents(path: Path, json_key: str = "text", split_lines: bool = False) -> Iterator[str]:
-    """Document texts of one input file (see the module docstring for the formats)."""
+    """Document texts of one input file (see the module docstring for the formats); undecodable
+    input (bad UTF-8, a malformed JSON line, a missing key) is a :class:`DataError` naming the file
+    and the line."""
     if path.suffix.lower() in JSONL_SUFFIXES:
-        with path.open("r", encoding="utf-8") as stream:
-            for number, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: malformed JSON line ({err.msg}).") from err
-                if not isinstance(record, dict) or json_key not in record:
-                    raise DataError(
-                        f"{path}:{number}: expected a JSON object with the key {json_key!r} "
-                        f"(set --json-key); got {type(record).__name__}"
-                        + (f" with keys {sorted(record)}" if isinstance(record, dict) else "")
-                        + "."
-                    )
-                text = record[json_key]
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: {json_key!r} is {type(text).__name__}, not a string.")
-                yield text
+        with path.open("rb") as stream:
+            for number, raw in enumerate(stream, start=1):
+                line = decode_utf8(raw, path, number)
+                if line.strip():
+                    yield json_text(line, path, number, json_key)
         return
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = decode_utf8(path.read_bytes(), path)
     if split_lines:
         for line in text.splitlines():
             if line.strip():
@@ -226,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             workers=args.workers,
             progress=not args.quiet,
         )
-    except (DataError, TokenizerError, FileNotFoundError, ImportError) as err:
+    except (DataError, TokenizerError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

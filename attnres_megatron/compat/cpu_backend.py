@@ -16,6 +16,9 @@ dropout RNG through a CUDA generator tracker. On a machine without CUDA this mod
   streams; on the CPU everything already runs in order);
 * the alltoall MoE dispatcher receives its split sizes as host arrays, as it does on GPU
   after its device-to-host copy;
+* tied input/output embeddings split across pipeline stages are synchronised by Megatron's
+  ``LanguageModule.setup_embeddings_and_output_layer``, which moves the weight with
+  ``.cuda()`` first: that method runs under the CUDA-to-CPU mode;
 * ``torch.cuda.manual_seed`` seeds the CPU default generator (on GPU the default CUDA
   generator carries the data-parallel seed; on CPU that role falls to the CPU one).
 
@@ -242,6 +245,11 @@ def enable_cpu_backend() -> None:
 
     torch.cuda.current_device = _cpu_current_device
     _serve_optimizers_from_cpu()
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _with_cuda_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchWithCpuFactories()

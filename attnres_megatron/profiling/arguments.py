@@ -19,6 +19,7 @@ UNUSED_PRETRAIN_FLAGS = (
     "exit_interval",
     "no_load_optim",
     "skip_nonfinite_steps",
+    "max_skipped_nonfinite_steps",
     "tensorboard_dir",
     "summary_json",
     "log_interval",

@@ -15,6 +15,13 @@ from attnres_megatron.models.specs import (
     TRANSFORMER_IMPLS,
     resolve_transformer_impl,
 )
+from attnres_megatron.training.early_checks import (
+    validate_numbers,
+    validate_optional_packages,
+    validate_outputs,
+    validate_pipeline_layout,
+    validate_recompute,
+)
 from attnres_megatron.training.megatron_lm_flags import flag_name, unrecognized_message
 from attnres_megatron.training.quiet import add_verbose_warnings_arg
 from attnres_megatron.training.tokenizers import add_tokenizer_args
@@ -312,6 +319,14 @@ def add_lr_schedule_args(group: argparse._ActionsContainer) -> None:
     )
 
 
+def timeout_minutes(text: str) -> float:
+    """A positive, finite number of minutes (fractions allowed)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return value
+
+
 def add_megatron_lm_run_args(parser: argparse.ArgumentParser) -> None:
     """Megatron-LM run flags that keep their meaning here (backend, checkpoint format, no-ops)."""
     group = parser.add_argument_group("Megatron-LM run options")
@@ -320,6 +335,14 @@ def add_megatron_lm_run_args(parser: argparse.ArgumentParser) -> None:
         choices=("nccl", "gloo"),
         default="nccl",
         help="torch.distributed backend of CUDA runs (--device cpu always uses gloo).",
+    )
+    group.add_argument(
+        "--distributed-timeout-minutes",
+        type=timeout_minutes,
+        default=10,
+        help="Timeout of torch.distributed operations (gloo and NCCL, every Megatron group): a rank "
+        "blocked this long in a collective exits with an error naming it. Fractions allowed (tests "
+        "use 0.1).",
     )
     group.add_argument(
         "--ckpt-format",
@@ -591,10 +614,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Load model weights only (e.g. under another TP/PP layout).",
     )
+    schedule = ckpt.add_mutually_exclusive_group()
+    schedule.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        action="store_true",
+        help="On --load, use this run's learning-rate schedule flags (--lr, --min-lr, warmup, decay, "
+        "--train-iters) instead of the checkpoint's; without either flag a change is an error.",
+    )
+    schedule.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        help="On --load, keep the checkpoint's learning-rate schedule and ignore this run's flags.",
+    )
+    ckpt.add_argument(
+        "--overwrite-checkpoints",
+        action="store_true",
+        help="Let --save replace checkpoints of another run in its directory (refused otherwise).",
+    )
+    ckpt.add_argument(
+        "--no-verify-checkpoint",
+        action="store_true",
+        help="On --load, skip checking the files against the checkpoint's sha256 manifest.",
+    )
     ckpt.add_argument(
         "--skip-nonfinite-steps",
         action="store_true",
         help="Skip an iteration whose loss or gradients are NaN/Inf instead of stopping.",
+    )
+    ckpt.add_argument(
+        "--max-skipped-nonfinite-steps",
+        type=int,
+        default=10,
+        help="With --skip-nonfinite-steps: stop with an error once more than this many iterations of the "
+        "run were skipped (a diverging run).",
     )
 
     run = parser.add_argument_group("run")
@@ -642,9 +696,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             f"error: --hidden-size {args.hidden_size} must be divisible by "
             f"--num-attention-heads {args.num_attention_heads} (or pass --kv-channels)."
         )
+    validate_numbers(args)
     validate_model_shape(args)
     validate_lr_schedule(args)
     validate_weight_decay(args)
+    num_layers = KIMI_PRESETS.get(args.model, {}).get("num_layers", args.num_layers)
+    validate_pipeline_layout(args, num_layers)
+    validate_recompute(args, num_layers)
+    validate_optional_packages(args)
+    validate_outputs(args)
     if args.mock_data and args.data_path:
         _fail("--mock-data generates its data; drop it or --data-path.")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
@@ -825,6 +885,12 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
             )
         if not preset and args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
             _fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid.")
+        if not preset and args.add_bias_linear and not args.moe_grouped_gemm:
+            _fail(
+                "--num-experts with linear biases (Megatron-LM's default) fails in Megatron-Core 0.16's "
+                "sequential experts (an in-place bias add on a tensor-parallel view in backward); pass "
+                "--disable-bias-linear, as MoE models do, or --moe-grouped-gemm on GPU."
+            )
     vpp = args.num_virtual_stages_per_pipeline_rank
     if vpp is not None and (vpp < 1 or pp == 1):
         _fail(

@@ -21,12 +21,18 @@ on global rank 0 only when ``torch.distributed`` is initialised.
 
 Cache directory: ``cache_dir`` argument, else ``$ATTNRES_CACHE_DIR``, else
 ``~/.cache/attnres-megatron``. It holds ``stdlib-byte-v1/`` (the default corpus) and
-``dataset-indices/`` (Megatron's cached document/sample/shuffle indices).
+``dataset-indices/<content digest>/`` (Megatron's cached document/sample/shuffle indices, one
+directory per data content: sha256 of each ``.idx`` and the ``.bin`` size, so a prefix regenerated
+in place gets fresh indices).
+
+Before any work, :func:`check_prefixes` checks every ``.bin``/``.idx`` pair (magic, version, dtype,
+index size, document indices, ``.bin`` size = tokens x dtype size) and names each broken file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -347,8 +353,135 @@ def parse_blend(data_path: Union[str, Sequence[str]]) -> tuple[list[str], Option
     return prefixes, weights
 
 
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+INDEX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8
+# Megatron-Core's indexed_dataset.DType codes.
+TOKEN_DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    """The header of a Megatron ``.idx`` file."""
+
+    dtype: np.dtype
+    sequences: int
+    document_entries: int  # len(document_indices): documents + 1
+
+
+def read_index_header(idx_path: str) -> IndexHeader:
+    """The header of ``idx_path``, checked; :class:`DataError` (``data file PATH: ...``) otherwise."""
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as stream:
+        head = stream.read(INDEX_HEADER_BYTES)
+    if not head.startswith(INDEX_MAGIC) and not INDEX_MAGIC.startswith(head):
+        raise DataError(
+            f"data file {idx_path}: not a Megatron indexed dataset index (starts with {head[:9]!r}, "
+            f"expected {INDEX_MAGIC!r})"
+        )
+    if len(head) < INDEX_HEADER_BYTES:
+        raise DataError(
+            f"data file {idx_path}: truncated ({size} bytes, shorter than the "
+            f"{INDEX_HEADER_BYTES}-byte header)"
+        )
+    version = int.from_bytes(head[9:17], "little")
+    if version != INDEX_VERSION:
+        raise DataError(
+            f"data file {idx_path}: index version {version}; Megatron-Core reads version {INDEX_VERSION}"
+        )
+    code = head[17]
+    if code not in TOKEN_DTYPE_CODES:
+        raise DataError(f"data file {idx_path}: unknown token dtype code {code}")
+    sequences = int.from_bytes(head[18:26], "little")
+    entries = int.from_bytes(head[26:34], "little")
+    return IndexHeader(np.dtype(TOKEN_DTYPE_CODES[code]), sequences, entries)
+
+
+def _index_arrays(idx_path: str, header: IndexHeader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sequence lengths, sequence pointers, document indices) of a checked ``.idx`` (memory-mapped)."""
+    size = os.path.getsize(idx_path)
+    needed = INDEX_HEADER_BYTES + header.sequences * (4 + 8) + header.document_entries * 8
+    if size < needed:
+        raise DataError(
+            f"data file {idx_path}: truncated ({size} bytes; its header's {header.sequences} sequences and "
+            f"{header.document_entries} document entries need {needed})"
+        )
+    if size not in (needed, needed + header.sequences):  # + one mode byte per sequence: multimodal
+        raise DataError(
+            f"data file {idx_path}: {size} bytes, but its header's {header.sequences} sequences and "
+            f"{header.document_entries} document entries need {needed}"
+        )
+    if header.sequences == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty.astype(np.int32), empty, np.zeros(header.document_entries, dtype=np.int64)
+    raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
+    offset = INDEX_HEADER_BYTES
+    lengths = np.frombuffer(raw, dtype=np.int32, count=header.sequences, offset=offset)
+    offset += lengths.nbytes
+    pointers = np.frombuffer(raw, dtype=np.int64, count=header.sequences, offset=offset)
+    offset += pointers.nbytes
+    documents = np.frombuffer(raw, dtype=np.int64, count=header.document_entries, offset=offset)
+    return lengths, pointers, documents
+
+
+def _file_version(prefix: str) -> tuple:
+    """What identifies this version of ``prefix.idx`` and ``prefix.bin``: path, size, mtime, inode."""
+    version: tuple = ()
+    for path in (f"{prefix}.idx", f"{prefix}.bin"):
+        stat = os.stat(path)
+        version += (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return version
+
+
+def check_indexed_files(prefix: str) -> None:
+    """Raise :class:`DataError` naming ``prefix.idx`` or ``prefix.bin`` when the pair is not a readable
+    Megatron indexed dataset: bad magic, version or dtype, a truncated or inconsistent index, or a
+    ``.bin`` whose size differs from the token count x dtype size the ``.idx`` describes (each file
+    version is checked once per process)."""
+    _check_version(prefix, _file_version(prefix))
+
+
+@functools.lru_cache(maxsize=256)
+def _check_version(prefix: str, version: tuple) -> bool:
+    """:func:`check_indexed_files` of one file version (only successes are remembered)."""
+    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+    header = read_index_header(idx_path)
+    lengths, pointers, documents = _index_arrays(idx_path, header)
+    ordered = documents.size > 0 and documents[0] == 0 and documents[-1] == header.sequences
+    if not ordered or np.any(np.diff(documents) < 0):
+        raise DataError(
+            f"data file {idx_path}: inconsistent document indices (not ascending from 0 to "
+            f"{header.sequences}, the sequence count)"
+        )
+    if lengths.size and int(lengths.min()) < 0:
+        raise DataError(f"data file {idx_path}: negative sequence lengths")
+    itemsize = header.dtype.itemsize
+    expected = int(lengths.sum(dtype=np.int64)) * itemsize
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        state = "truncated" if actual < expected else "longer than its index says"
+        raise DataError(
+            f"data file {bin_path}: {state} ({actual} bytes; {idx_path} describes "
+            f"{expected // itemsize} tokens of {header.dtype.name}, {expected} bytes)"
+        )
+    ends = pointers + lengths.astype(np.int64) * itemsize
+    if pointers.size and (int(pointers.min()) < 0 or int(ends.max()) > actual):
+        raise DataError(f"data file {idx_path}: sequence pointers outside {bin_path} ({actual} bytes)")
+    return True
+
+
 def check_prefixes(prefixes: Sequence[str]) -> None:
-    """Raise :class:`DataError` naming each prefix whose ``.bin`` or ``.idx`` file is missing."""
+    """Raise :class:`DataError` naming every missing or broken ``.bin``/``.idx`` file of ``prefixes``
+    (:func:`check_indexed_files`), before any work."""
     problems = []
     for prefix in prefixes:
         missing = [p for p in (f"{prefix}.bin", f"{prefix}.idx") if not os.path.isfile(p)]
@@ -356,13 +489,46 @@ def check_prefixes(prefixes: Sequence[str]) -> None:
             hint = ""
             if prefix.endswith((".bin", ".idx")):
                 hint = f" (give the prefix without the extension: {prefix[:-4]})"
-            problems.append(f"{prefix}: missing {', '.join(missing)}{hint}")
+            files = "data files " + ", ".join(missing) if len(missing) > 1 else f"data file {missing[0]}"
+            problems.append(f"{files}: missing (no such file){hint}")
+            continue
+        try:
+            check_indexed_files(prefix)
+        except DataError as error:
+            problems.append(str(error))
+        except OSError as error:
+            problems.append(f"data file {prefix}.idx/.bin: unreadable ({error.strerror or error})")
     if problems:
         raise DataError(
-            "Indexed dataset files not found:\n  "
-            + "\n  ".join(problems)
-            + f"\nCreate them with: {PREPROCESS_HINT} (PREFIX as above)."
+            "\n  ".join(problems)
+            + f"\nCreate (or regenerate) them with: {PREPROCESS_HINT} (PREFIX as above; both files "
+            "from the same run)."
         )
+
+
+def dataset_content_id(prefix: str) -> str:
+    """A cheap identity of the dataset's content: sha256 of ``prefix.idx`` and the size of ``prefix.bin``
+    (memoised per file version)."""
+    return _content_id(_file_version(prefix))
+
+
+@functools.lru_cache(maxsize=256)
+def _content_id(version: tuple) -> str:
+    """sha256 of the ``.idx`` at ``version[0]`` and the ``.bin`` size ``version[5]``."""
+    digest = hashlib.sha256()
+    with open(version[0], "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    digest.update(f"bin:{version[5]}".encode())
+    return digest.hexdigest()
+
+
+def index_cache_dir(root: Union[str, os.PathLike], prefixes: Sequence[str]) -> Path:
+    """Where Megatron's document/sample/shuffle indices of ``prefixes`` are cached: a directory under
+    ``root`` named by the data's content, so a prefix regenerated in place never reuses stale indices
+    (Megatron's own cache key holds the path, not the content)."""
+    digest = hashlib.sha256("\n".join(dataset_content_id(prefix) for prefix in prefixes).encode())
+    return Path(root) / digest.hexdigest()[:20]
 
 
 def parse_split(split: str) -> list[float]:
@@ -410,11 +576,9 @@ def _check_split_documents(
 
     Uses Megatron's own rule (``round(bookend * number_of_sequences)``).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     problems = []
     for prefix in prefixes:
-        sequences = len(IndexedDataset(prefix, multimodal=False, mmap=True))
+        sequences = read_index_header(f"{prefix}.idx").sequences
         for name, bookends in zip(("train", "valid", "test"), split_matrix):
             if bookends is None:
                 continue
@@ -458,8 +622,9 @@ def build_split_datasets(
     A blend with more than one prefix yields a ``BlendedDataset``, otherwise a ``GPTDataset``.
 
     Everything is validated before any work: the blend, the split, the sizes and the
-    ``.bin``/``.idx`` files. Megatron's document/sample/shuffle indices are cached under
-    ``path_to_cache`` (default ``<cache root>/dataset-indices``). ``is_built_on_rank``
+    ``.bin``/``.idx`` files (:func:`check_prefixes`). Megatron's document/sample/shuffle indices are
+    cached under ``path_to_cache`` (default ``<cache root>/dataset-indices``), in a subdirectory named
+    by the data's content (:func:`index_cache_dir`). ``is_built_on_rank``
     (default: every rank, since each rank of this trainer reads its own batches) is passed to
     Megatron. When ``torch.distributed`` is initialised this is collective: rank 0 builds the
     indices first, the others load them after a barrier.
@@ -482,7 +647,8 @@ def build_split_datasets(
     tok = tokenizer or build_tokenizer()
     ensure_dataset_helpers()
 
-    cache = Path(path_to_cache) if path_to_cache is not None else cache_root() / DATASET_INDEX_DIR
+    root = Path(path_to_cache) if path_to_cache is not None else cache_root() / DATASET_INDEX_DIR
+    cache = index_cache_dir(root, prefixes)
     cache.mkdir(parents=True, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -11,6 +12,9 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from attnres_megatron.compat.cpu_backend import enable_cpu_backend
 from attnres_megatron.compat.cpu_malloc import retain_freed_memory
 from attnres_megatron.training.launch_env import LaunchEnv, discover_launch_env, export_for_torch
+
+DEFAULT_TIMEOUT_MINUTES = 10.0
+"""Megatron-LM's ``--distributed-timeout-minutes`` default."""
 
 
 def resolve_device(requested: str) -> str:
@@ -33,9 +37,12 @@ def initialize_parallel(
     expert_tensor_parallel_size: Optional[int] = None,
     launch_env: Optional[LaunchEnv] = None,
     backend: Optional[str] = None,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
 ) -> None:
     """Start ``torch.distributed`` (``backend``; default gloo on CPU, NCCL on GPU) unless already
-    started, then Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage)."""
+    started, then Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage);
+    every group's operations time out after ``timeout_minutes`` (Megatron-LM's
+    ``--distributed-timeout-minutes``)."""
     if device == "cpu":
         enable_cpu_backend()
         retain_freed_memory()
@@ -49,6 +56,7 @@ def initialize_parallel(
             init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -57,6 +65,7 @@ def initialize_parallel(
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(stage_seed)

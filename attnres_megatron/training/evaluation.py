@@ -125,6 +125,8 @@ def _split_dataset(build: DatasetBuilder, split: str, samples: int, note: Callab
     sizes = (samples, 0) if split == "validation" else (0, samples)
     try:
         dataset = build(*sizes)[1 + SPLITS.index(split)]
+        if dataset is None:
+            raise DataError("--split gives it no share; give it one in --split to evaluate on it")
         if len(dataset) < samples:
             raise DataError(
                 f"it has {len(dataset)} samples, fewer than the {samples} the evaluations need "

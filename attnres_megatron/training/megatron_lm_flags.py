@@ -80,8 +80,6 @@ MEGATRON_LM_FLAGS: dict[str, str] = {
     "--tp-comm-overlap": f"not supported by attnres-pretrain; drop it (or {_USE_MEGATRON_LM}).",
     "--use-torch-fsdp2": "not supported; use --use-distributed-optimizer to shard the optimizer state.",
     "--use-megatron-fsdp": "not supported; use --use-distributed-optimizer to shard the optimizer state.",
-    "--distributed-timeout-minutes": "not supported: process groups use torch.distributed's default "
-    "timeout; drop it.",
     # data
     "--data-cache-path": "use $ATTNRES_CACHE_DIR instead: Megatron's dataset indices are cached in "
     "$ATTNRES_CACHE_DIR/dataset-indices (default ~/.cache/attnres-megatron).",

@@ -175,6 +175,7 @@ def initialize_parallel_from_args(args: argparse.Namespace, device: str, launch:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         launch_env=launch,
         backend=args.distributed_backend if device == "cuda" else "gloo",
+        timeout_minutes=args.distributed_timeout_minutes,
     )
 
 

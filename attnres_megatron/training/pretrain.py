@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -22,10 +21,13 @@ from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args
 from attnres_megatron.training.checkpointing import (
     CheckpointError,
+    checkpoint_preflight,
     describe_load,
     load_checkpoint,
+    new_run_id,
     save_checkpoint,
 )
+from attnres_megatron.training.collective_errors import exit_on_collective_failure
 from attnres_megatron.training.data import (
     DataError,
     DataParallelBatches,
@@ -35,6 +37,7 @@ from attnres_megatron.training.data import (
 )
 from attnres_megatron.training.distributed import shutdown_parallel
 from attnres_megatron.training.evaluation import Evaluator, data_parallel_mean
+from attnres_megatron.training.faults import check_skip_limit, exit_when_disk_full, saved_iteration
 from attnres_megatron.training.model_setup import (
     TrainingSetup,
     config_from_args,
@@ -46,6 +49,8 @@ from attnres_megatron.training.model_setup import (
 )
 from attnres_megatron.training.progress import ProgressBar, close_progress_bar, print_line
 from attnres_megatron.training.quiet import hide_cpu_advice, optional_packages_line, quiet_start
+from attnres_megatron.training.resume import SampleOffset
+from attnres_megatron.training.termination import TerminationRequest
 from attnres_megatron.training.tokenizers import TokenizerError, build_tokenizer
 from attnres_megatron.training.training_log import (
     LOSS_KEY,
@@ -88,15 +93,20 @@ def gpt_datasets(
     )
 
 
-def training_batches(args: argparse.Namespace, device: str) -> DataParallelBatches:
+def training_batches(
+    args: argparse.Namespace, device: str, start_iteration: int = 0, consumed_samples: int = 0
+) -> DataParallelBatches:
     """Megatron GPT datasets over ``--data-path`` (or the built-in corpus, cached), read in
-    Megatron's sample order: step ``s`` always gets the same samples, so resuming is exact."""
+    Megatron's sample order: step ``s`` always gets the same samples, so resuming is exact. A
+    resumed run's step 0 starts after the ``consumed_samples`` of its checkpoint."""
+    remaining = max(0, args.train_iters - start_iteration) * args.global_batch_size
+    samples = max(args.train_iters * args.global_batch_size, consumed_samples + remaining)
     try:
-        train, _, _ = gpt_datasets(args, train_samples=args.train_iters * args.global_batch_size)
+        train, _, _ = gpt_datasets(args, train_samples=samples)
     except (DataError, TokenizerError) as error:
         raise SystemExit(f"error: {error}") from None
     return DataParallelBatches.from_parallel_state(
-        train, args.global_batch_size, args.micro_batch_size, device=device
+        SampleOffset(train, consumed_samples), args.global_batch_size, args.micro_batch_size, device=device
     )
 
 
@@ -126,10 +136,23 @@ def train(args: argparse.Namespace) -> dict:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     prepare_vocabulary(args)  # the tokenizer, args.padded_vocab_size, data and checkpoint checks
+    try:
+        preflight = checkpoint_preflight(args, config)  # --load fits, --save destroys nothing
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
+    finished = [preflight.finished] if preflight.finished else []
+    if finished and args.eval_iters > 0:  # as Megatron-LM: no iteration left, the final evaluation
+        finished.append("> no iteration left: running the final validation and test evaluation only")
+    if launch.rank == launch.world_size - 1:
+        for line in [*preflight.lines, *finished]:
+            print(line, flush=True)
+    if preflight.finished and args.eval_iters <= 0:  # e.g. a requeued job that already finished
+        return {}
     initialize_parallel_from_args(args, device, launch)
     try:
-        setup = setup_training(args, config, args.padded_vocab_size, device)
-        return _train(args, setup, device, launch.launcher)
+        with exit_on_collective_failure(args.distributed_timeout_minutes):
+            setup = setup_training(args, config, args.padded_vocab_size, device)
+            return _train(args, setup, device, launch.launcher)
     finally:
         close_progress_bar()
         shutdown_parallel()
@@ -179,25 +202,6 @@ def grads_are_finite(setup: TrainingSetup) -> bool:
     return bad.item() == 0
 
 
-class TerminationRequest:
-    """Set by SIGTERM: the loop saves a checkpoint after the current iteration and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def everywhere(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return flag.item() > 0
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 @dataclass
 class StepResult:
     """One training iteration's outcome."""
@@ -210,9 +214,21 @@ class StepResult:
 class TrainingLoop:
     """Iterations, Megatron-LM's log lines and TensorBoard scalars, evaluations and checkpoints."""
 
-    def __init__(self, args: argparse.Namespace, setup: TrainingSetup, device: str, start_iteration: int):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        setup: TrainingSetup,
+        device: str,
+        start_iteration: int,
+        consumed_samples: Optional[int] = None,
+        run_id: Optional[str] = None,
+    ):
         self.args, self.setup, self.start_iteration = args, setup, start_iteration
-        self.data = training_batches(args, device)
+        self.consumed_at_start = (
+            start_iteration * args.global_batch_size if consumed_samples is None else consumed_samples
+        )
+        self.run_id = run_id or new_run_id()
+        self.data = training_batches(args, device, start_iteration, self.consumed_at_start)
         self.forward_backward = get_forward_backward_func()
         self.logs_here = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
@@ -267,7 +283,7 @@ class TrainingLoop:
         if record:
             self.recorder.reset()
             self.recorder.attach()
-        batches = self.data.batches(iteration - 1)
+        batches = self.data.batches(iteration - 1 - self.start_iteration)
         outputs = run_schedule(self.forward_backward, self.setup, self.args, batches, forward_step)
         loss = reduced_loss(outputs) if self.last_stage else 0.0
         if record:
@@ -293,6 +309,7 @@ class TrainingLoop:
         progress = f"{iteration:8d}/{self.args.train_iters:8d}"
         log(f" {timestamp()} iteration {progress} | skipped: non-finite loss or gradients |")
         self.skipped.append(iteration)
+        check_skip_limit(self.skipped, self.args.max_skipped_nonfinite_steps)
         self.setup.scheduler.step(increment=1)
         return StepResult(loss, skipped=True)
 
@@ -310,6 +327,10 @@ class TrainingLoop:
         as in Megatron-LM, the first of the run."""
         return self.regular_log(iteration) or iteration == self.start_iteration + 1
 
+    def consumed(self, iteration: int) -> int:
+        """Global samples consumed after ``iteration`` (the checkpoint's count plus this run's)."""
+        return self.consumed_at_start + (iteration - self.start_iteration) * self.args.global_batch_size
+
     def regular_log(self, iteration: int) -> bool:
         """A log line that closes an interval (every ``--log-interval`` and the last iteration)."""
         return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
@@ -321,7 +342,7 @@ class TrainingLoop:
         loss_scale = self.setup.optimizer.get_loss_scale().item()
         if self.board is not None:
             loss = None if result.skipped else result.loss
-            consumed = iteration * self.args.global_batch_size
+            consumed = self.consumed(iteration)
             gbs = self.args.global_batch_size
             self.board.log_training(
                 iteration, consumed, learning_rate, gbs, loss, loss_scale, result.grad_norm
@@ -336,7 +357,7 @@ class TrainingLoop:
         interval (the first line of a run does not, as in Megatron-LM)."""
         args, now = self.args, self.clock.elapsed()
         seconds = (now - self.interval_start) / max(1, self.stats.iterations)
-        consumed = iteration * args.global_batch_size
+        consumed = self.consumed(iteration)
         stats = (iteration, args.train_iters, consumed, 1000 * seconds, learning_rate, args.global_batch_size)
         log(iteration_line(*stats, self.stats, loss_scale, grad_norm))
         if not self.regular_log(iteration):
@@ -359,9 +380,10 @@ class TrainingLoop:
 
     def save(self, iteration: int) -> None:
         """A checkpoint at ``iteration`` (its time is not training time)."""
-        state = {"consumed_samples": iteration * self.args.global_batch_size}
-        with self.clock.pause("checkpoint"):
-            save_checkpoint(self.setup, iteration, self.args.save, state, self.args)
+        state = {"consumed_samples": self.consumed(iteration)}
+        previous = self.saved_at if self.saved_at is not None else saved_iteration(self.args.save)
+        with self.clock.pause("checkpoint"), exit_when_disk_full(iteration, self.args.save, previous):
+            save_checkpoint(self.setup, iteration, self.args.save, state, self.args, self.run_id)
         self.saved_at = iteration
         log(f"> saved checkpoint at iteration {iteration} to {self.args.save}")
 
@@ -382,16 +404,20 @@ def _train(args: argparse.Namespace, setup: TrainingSetup, device: str, launcher
     if missing:
         log(f"> {missing}")
     log(_describe(args, setup, device, launcher))
-    start_iteration = 0
+    start_iteration, consumed, run_id = 0, 0, None
     if args.load:
         try:
-            loaded = load_checkpoint(setup, args.load, load_optimizer=not args.no_load_optim)
+            loaded = load_checkpoint(
+                setup, args.load, not args.no_load_optim, args, verify=not args.no_verify_checkpoint
+            )
         except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
+        for note in loaded.notes:
+            log(note)
         log(describe_load(loaded, args.load))
-        start_iteration = loaded.iteration
+        start_iteration, consumed, run_id = loaded.iteration, loaded.consumed_samples, loaded.run_id
     started = time.perf_counter()
-    loop = TrainingLoop(args, setup, device, start_iteration)
+    loop = TrainingLoop(args, setup, device, start_iteration, consumed, run_id)
     iteration = loop.run()
     train_seconds = loop.clock.elapsed()
     loop.finish(iteration)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from attnres_megatron.training.data import DataError, check_prefixes, parse_blend
+from attnres_megatron.training.data import DataError, check_prefixes, parse_blend, read_index_header
 from attnres_megatron.training.tokenizers import DatasetTokenizer, TokenizerError, build_tokenizer
 
 CHUNK_TOKENS = 1 << 24  # tokens read per vectorised min/max over a memory-mapped .bin
@@ -51,9 +51,7 @@ def padded_vocab_size(args: Any) -> int:
 
 def token_dtype(prefix: str) -> np.dtype:
     """The token dtype in the header of ``prefix.idx`` (Megatron's indexed dataset)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    return np.dtype(IndexedDataset(prefix, multimodal=False, mmap=True).index.dtype)
+    return read_index_header(f"{prefix}.idx").dtype
 
 
 def token_id_range(prefix: str) -> Optional[tuple[int, int]]:
