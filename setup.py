@@ -48,6 +48,7 @@ setup(
         "cpu-kernels": ["ninja"],  # builds the fused C++ CPU kernels on first use
         "fla": [FLA],
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
+        "megatron-lm": ["six"],  # what Megatron-LM's training loop imports beyond megatron-core's needs
         "tokenizers": TOKENIZERS,  # --tokenizer-type HuggingFaceTokenizer / TikTokenizer / SentencePiece
         "test": [
             "pytest",
@@ -59,6 +60,7 @@ setup(
             TRITON,
             "tqdm",
             "jsonschema",  # the profiler report is validated by jsonschema and the built-in checker
+            "six",  # the megatron-lm extra: the Megatron-LM-loop tests (MEGATRON_LM_DIR) import it
             *TOKENIZERS,
         ],
     },
