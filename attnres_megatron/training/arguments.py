@@ -746,6 +746,25 @@ def lr_wsd_decay_iters(args: argparse.Namespace) -> int:
     return args.lr_wsd_decay_iters or max(1, lr_decay_iters(args) // 10)
 
 
+def scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of Megatron-Core's ``OptimizerParamScheduler`` that these flags give."""
+    wsd = args.lr_decay_style == "WSD"
+    return dict(
+        init_lr=args.lr_warmup_init,
+        max_lr=float(args.lr),
+        min_lr=args.min_lr,
+        lr_warmup_steps=lr_warmup_iters(args),
+        lr_decay_steps=lr_decay_iters(args),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=lr_wsd_decay_iters(args) if wsd else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style if wsd else None,
+    )
+
+
 def validate_model_shape(args: argparse.Namespace) -> None:
     """The GPT shape flags fit together (a Kimi preset fixes its own shape)."""
     if args.model != "gpt":

@@ -30,9 +30,7 @@ from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.models.builder import build_gpt_model
 from attnres_megatron.training.arguments import (
     ffn_hidden_size,
-    lr_decay_iters,
-    lr_warmup_iters,
-    lr_wsd_decay_iters,
+    scheduler_settings,
     validate_args,
 )
 from attnres_megatron.training.distributed import initialize_parallel, resolve_device
@@ -328,21 +326,7 @@ def setup_training(
         optimizer_config, ddp, getattr(args, "attn_res_weight_decay", "none")
     )
     optimizer = get_megatron_optimizer(optimizer_config, ddp, config_overrides=overrides)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=args.lr_warmup_init,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=lr_warmup_iters(args),
-        lr_decay_steps=lr_decay_iters(args),
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=lr_wsd_decay_iters(args) if args.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
-    )
+    scheduler = OptimizerParamScheduler(optimizer, **scheduler_settings(args))
     config.finalize_model_grads_func = finalize_model_grads
     no_sync = [chunk.no_sync for chunk in ddp]
     config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]

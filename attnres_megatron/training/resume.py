@@ -8,7 +8,7 @@ import argparse
 from typing import Any, Optional
 
 from attnres_megatron.config import resolve_sublayers_per_block
-from attnres_megatron.training.arguments import lr_decay_iters, lr_warmup_iters
+from attnres_megatron.training.arguments import scheduler_settings
 
 # Model signature key -> the flag(s) that set it. A checkpoint loads only into the same model.
 MODEL_FIELDS: dict[str, str] = {
@@ -155,19 +155,24 @@ def layout_changes(saved_args: dict[str, Any], args: argparse.Namespace) -> list
     ]
 
 
+SCHEDULE_STATE_FIELDS = (
+    "max_lr",
+    "min_lr",
+    "lr_warmup_steps",
+    "lr_decay_steps",
+    "lr_decay_style",
+    "start_wd",
+    "end_wd",
+    "wd_incr_steps",
+    "wd_incr_style",
+)
+"""The scheduler settings a checkpoint's scheduler state records and a resume compares."""
+
+
 def expected_schedule(args: argparse.Namespace) -> dict[str, Any]:
-    """The scheduler state fields this run's flags give (as ``setup_training`` builds the scheduler)."""
-    return dict(
-        max_lr=float(args.lr),
-        min_lr=args.min_lr,
-        lr_warmup_steps=lr_warmup_iters(args),
-        lr_decay_steps=lr_decay_iters(args),
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
+    """The scheduler state fields this run's flags give (the scheduler ``setup_training`` builds)."""
+    settings = scheduler_settings(args)
+    return {field: settings[field] for field in SCHEDULE_STATE_FIELDS}
 
 
 def schedule_changes(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
