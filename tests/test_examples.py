@@ -141,9 +141,12 @@ def check_parallel_layout(args: list[str], world: int) -> None:
 
 def check_plugin_flags(args: list[str]) -> None:
     """The plugin's flags and the Megatron-LM model flags they must agree with are valid."""
+    from unittest import mock
+
     from megatron_lm_worker import megatron_lm_parser
 
-    parsed, _ = megatron_lm_parser().parse_known_args(args)  # validates the AttnRes flags, or exits
+    with mock.patch("torch.cuda.is_available", return_value=True):  # as on the GPU machine it is for
+        parsed, _ = megatron_lm_parser().parse_known_args(args)  # validates the AttnRes flags, or exits
     assert parsed.attention_residuals == "block"
 
 

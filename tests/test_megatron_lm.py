@@ -78,9 +78,9 @@ def parse_error(argv: list[str], capsys) -> str:
 def test_flags_are_attnres_pretrains_and_none_of_megatron_lms():
     plain = argparse.ArgumentParser(allow_abbrev=False)
     added = set(option_actions(megatron_lm.extra_args_provider(plain))) - {"-h", "--help"}
-    assert added == PLUGIN_FLAGS
+    assert added == PLUGIN_FLAGS | {"--device"}
     ours, theirs = option_actions(plain), option_actions(build_parser())
-    for flag in PLUGIN_FLAGS:
+    for flag in PLUGIN_FLAGS | {"--device"}:
         mine, cli = ours[flag], theirs[flag]
         assert (mine.dest, mine.default, mine.choices, mine.type) == (
             cli.dest,
@@ -338,23 +338,23 @@ def test_pipeline_schedule_is_installed_into_megatron_lms_training_loop(monkeypa
 
     from megatron.core import pipeline_parallel
 
-    from attnres_megatron.megatron_lm.schedule import use_attnres_schedule
+    from attnres_megatron.compat.megatron_lm_loop import install_attnres_schedule
     from attnres_megatron.pipeline import schedule
 
     if megatron_lm.megatron_lm_available():
         pytest.skip("uses a stand-in for megatron.training")
-    assert use_attnres_schedule() is False
     training = types.ModuleType("megatron.training.training")
     training.get_forward_backward_func = pipeline_parallel.get_forward_backward_func
     package = types.ModuleType("megatron.training")
     package.training = training
     monkeypatch.setitem(sys.modules, "megatron.training", package)
     monkeypatch.setitem(sys.modules, "megatron.training.training", training)
-    assert use_attnres_schedule() and use_attnres_schedule()
+    install_attnres_schedule()
+    install_attnres_schedule()
     assert training.get_forward_backward_func is schedule.get_forward_backward_func
     training.get_forward_backward_func = lambda: None
     with pytest.raises(RuntimeError, match="is not Megatron-Core's"):
-        use_attnres_schedule()
+        install_attnres_schedule()
 
 
 def test_driver_names_the_missing_megatron_lm_checkout():
@@ -411,12 +411,12 @@ def test_patch_is_well_formed_and_only_uses_the_plugins_api(tmp_path):
         ["git", "apply", "--stat", str(PATCH)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert "pretrain_gpt.py" in done.stdout and "5 insertions(+), 2 deletions(-)" in done.stdout
+    assert "pretrain_gpt.py" in done.stdout and "9 insertions(+), 2 deletions(-)" in done.stdout
     added = [
         line for line in PATCH.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")
     ]
     used = set(re.findall(r"\battnres\.(\w+)", "\n".join(added)))
-    assert used == {"model_provider_or", "chain_args_providers", "extra_args_provider"}
+    assert used == {"model_provider_or", "chain_args_providers", "extra_args_provider", "prepare_pretrain"}
     assert all(hasattr(megatron_lm, name) for name in used)
 
 

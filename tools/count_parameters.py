@@ -57,10 +57,9 @@ def ensure_parallel_state() -> None:
     """Start a 1-process gloo world, Megatron's parallel state (TP=PP=1) and the CPU backend if needed."""
     from megatron.core import parallel_state
 
-    if not torch.cuda.is_available():
-        from attnres_megatron.compat.cpu_backend import enable_cpu_backend
+    from attnres_megatron.compat.registry import install_adaptations
 
-        enable_cpu_backend()
+    install_adaptations("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.distributed.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

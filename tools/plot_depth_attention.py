@@ -79,10 +79,8 @@ SINGLE_PROCESS = dict(
 
 def start_single_process(seed: int) -> None:
     """A one-process gloo world with Megatron's parallel state and the CPU backend."""
-    from attnres_megatron.compat.cpu_backend import enable_cpu_backend
     from attnres_megatron.training.distributed import initialize_parallel
 
-    enable_cpu_backend()
     if not torch.distributed.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -97,7 +95,9 @@ def saved_before_megatron_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """The fixed model of runs saved before attnres-pretrain took Megatron-LM's flags (no ``swiglu``
     key; also the demo model): SwiGLU MLP 4 x hidden wide, no biases, untied output weights, GQA
     when groups were given, RMSNorm and RoPE unless saved."""
-    if "swiglu" in saved or saved.get("model", "gpt") != "gpt":
+    from attnres_megatron.models.families import model_shape_from_flags
+
+    if "swiglu" in saved or not model_shape_from_flags(saved.get("model", "gpt")):
         return {}
     return dict(
         swiglu=True,
@@ -148,25 +148,16 @@ def demo_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """The whole model for ``args`` on the CPU."""
-    from attnres_megatron.training.model_setup import config_from_args, gpt_model_kwargs
+    from attnres_megatron.models.families import chunk_inputs, model_family
+    from attnres_megatron.training.model_setup import config_from_args
 
     config = config_from_args(args, "cpu")
     if not config.attn_res_enabled:
         raise SystemExit(
             "error: the model has attention_residuals='none': there are no depth weights to plot."
         )
-    impl = "local" if args.transformer_impl == "auto" else args.transformer_impl
-    if args.model == "gpt":
-        from attnres_megatron.models.builder import build_gpt_model
-
-        return build_gpt_model(
-            config, vocab_size=model_vocab_size(args), transformer_impl=impl, **gpt_model_kwargs(args)
-        )
-    from attnres_megatron.models.kimi.presets import build_kimi_linear_model
-
-    return build_kimi_linear_model(
-        config, vocab_size=model_vocab_size(args), max_sequence_length=args.seq_length, transformer_impl=impl
-    )
+    family = model_family(args.model)
+    return family.build_chunk(config, chunk_inputs(args, model_vocab_size(args), "cpu"))
 
 
 def model_vocab_size(args: argparse.Namespace) -> int:

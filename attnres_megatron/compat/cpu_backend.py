@@ -38,8 +38,6 @@ from collections.abc import Iterator
 
 import torch
 
-_ENABLED = False
-
 
 class CpuRNGStatesTracker:
     """Drop-in for Megatron's ``CudaRNGStatesTracker`` that tracks CPU generator states."""
@@ -206,6 +204,53 @@ class _TorchWithCpuFactories(types.ModuleType):
         return factory
 
 
+def _detached_send(send):
+    @functools.wraps(send)
+    def send_alias(tensor, *args, **kwargs):
+        return send(tensor.detach(), *args, **kwargs)
+
+    return send_alias
+
+
+class _DistributedWithDetachedSends(types.ModuleType):
+    """``torch.distributed`` whose sends hand gloo an alias of the tensor (``detach()``).
+
+    gloo reads a pending send's tensor from its background thread; Megatron's schedules free
+    a sent activation by swapping its storage out (``deallocate_output_tensor``), which the
+    original tensor object would then show to gloo. The alias keeps the sent storage."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.distributed")
+        self.isend = _detached_send(torch.distributed.isend)
+        self.send = _detached_send(torch.distributed.send)
+
+    def P2POp(self, op, tensor, *args, **kwargs):  # noqa: N802 (torch's name)
+        if op is self.isend:
+            op, tensor = torch.distributed.isend, tensor.detach()
+        return torch.distributed.P2POp(op, tensor, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(torch.distributed, name)
+
+
+class _TorchWithDetachedSends(types.ModuleType):
+    """``torch`` for Megatron's p2p module, with :class:`_DistributedWithDetachedSends`."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.distributed = _DistributedWithDetachedSends()
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+def install_detached_pipeline_sends() -> None:
+    """Pipeline sends keep their storage while gloo sends them (see the class above)."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    p2p_communication.torch = _TorchWithDetachedSends()
+
+
 def _with_cuda_on_cpu(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -231,28 +276,22 @@ def _serve_optimizers_from_cpu() -> None:
                     setattr(cls, name, _with_cuda_on_cpu(attribute))
 
 
-def enable_cpu_backend() -> None:
-    """Redirect Megatron-Core's CUDA assumptions to the CPU. Idempotent."""
-    global _ENABLED
-    if _ENABLED:
-        return
-    if torch.cuda.is_available():
-        raise RuntimeError(
-            "The CPU backend must not be enabled where CUDA is available; "
-            "run with --device cuda (the default on GPU machines)."
-        )
+def install_rng_tracker() -> None:
+    """The model-parallel RNG tracker keeps CPU generator states; recompute snapshots the CPU one."""
     from megatron.core.tensor_parallel import random as mcore_random
 
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random.initialize_rng_tracker = lambda *args, **kwargs: None
+    # Activation recompute snapshots the "CUDA" generator; on CPU that is the default one,
+    # which Megatron's checkpoint functions already save and restore themselves.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def install_cuda_runtime_stand_ins() -> None:
+    """``torch.cuda``'s device, stream, event, synchronize and seed calls answered on the CPU."""
     torch.cuda.current_device = _cpu_current_device
-    _serve_optimizers_from_cpu()
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
-    LanguageModule.setup_embeddings_and_output_layer = _with_cuda_on_cpu(
-        LanguageModule.setup_embeddings_and_output_layer
-    )
-    from megatron.core.pipeline_parallel import schedules
-
-    schedules.torch = _TorchWithCpuFactories()
     torch.cuda.Stream = CpuStream
     torch.cuda.Event = CpuEvent
     torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
@@ -261,19 +300,40 @@ def enable_cpu_backend() -> None:
     torch.cuda.synchronize = lambda device=None: None
     # The default generator carries the data-parallel seed, as the CUDA one does on GPU.
     torch.cuda.manual_seed = torch.manual_seed
+
+
+def install_embedding_sync_on_cpu() -> None:
+    """Tied embeddings across pipeline stages: Megatron's sync moves the weight with ``.cuda()``."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _with_cuda_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
+
+
+def install_schedule_factories_on_cpu() -> None:
+    """The pipeline schedules' ``torch`` builds CUDA-placed tensors on the CPU."""
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuFactories()
+
+
+def install_host_split_sizes() -> None:
+    """The alltoall MoE dispatcher gets host split sizes from CPU tensors, as after its D2H copy."""
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
-    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    mcore_random.initialize_rng_tracker = lambda *args, **kwargs: None
-    # Activation recompute snapshots the "CUDA" generator; on CPU that is the default one,
-    # which Megatron's checkpoint functions already save and restore themselves.
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
-    _ENABLED = True
+
+
+def enable_cpu_backend() -> None:
+    """Redirect Megatron-Core's CUDA assumptions to the CPU (the registry's CPU entries). Idempotent."""
+    from attnres_megatron.compat.registry import install_adaptations
+
+    install_adaptations("cpu")
 
 
 def cpu_backend_enabled() -> bool:
-    """Whether :func:`enable_cpu_backend` has run in this process."""
-    return _ENABLED
+    """Whether the CPU backend has been installed in this process."""
+    from attnres_megatron.compat.registry import installed_targets
+
+    return "megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER" in installed_targets()

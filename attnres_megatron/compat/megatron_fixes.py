@@ -13,30 +13,25 @@
 
 from __future__ import annotations
 
-from attnres_megatron.compat.versions import check_megatron_core_version
 
-_APPLIED = False
-
-
-def apply_megatron_fixes() -> None:
-    """Apply the fixes above once per process."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    check_megatron_core_version()
+def install_router_gemm_fallback() -> None:
+    """``moe_utils.te_general_gemm = None`` when TE did not define it."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def install_mla_without_te() -> None:
+    """MLA sees TE as absent when its ``TELinear`` is only a placeholder."""
     from megatron.core.transformer import multi_latent_attention
 
     if multi_latent_attention.HAVE_TE and not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False
-    _skip_fp8_query_without_te()
-    _APPLIED = True
 
 
-def _skip_fp8_query_without_te() -> None:
+def install_recompute_without_fp8_query() -> None:
+    """``CheckpointWithoutOutput`` skips the FP8 state query when TE is absent."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     if mcore_random.HAVE_TE:

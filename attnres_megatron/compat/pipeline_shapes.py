@@ -9,7 +9,7 @@ can be matched to each other.
 
 Every width is known in advance: it depends only on which chunk receives, and Megatron's
 schedule table fixes the order in which a rank's chunks receive. So this module
-replaces ``P2PCommunicator._communicate_shapes`` (version-checked, installed once) with a
+replaces ``P2PCommunicator._communicate_shapes`` (an entry of the compat registry) with a
 lookup in a per-call plan: no shape messages at all, and the same communication pattern
 as fixed-shape pipelines. :func:`plan_pipeline_shapes` builds the plan before a
 forward-backward call; :func:`finish_pipeline_shapes` checks it was used up exactly.
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-
-from attnres_megatron.compat.versions import check_megatron_core_version
 
 
 class PipelineShapeError(RuntimeError):
@@ -36,7 +34,6 @@ class ShapePlan:
 
 
 _PLAN: ShapePlan | None = None
-_INSTALLED = False
 
 
 def receive_order(num_microbatches: int, virtual_size: int, group_size: int) -> list[int]:
@@ -60,7 +57,7 @@ def plan_pipeline_shapes(
 ) -> None:
     """Expected payload shapes for one forward-backward call on this rank."""
     global _PLAN
-    _install()
+    _check_installed()
     plan = ShapePlan()
     last = len(layout.chunks) - 1
     order = receive_order(num_microbatches, layout.virtual_size, group_size)
@@ -104,12 +101,18 @@ def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, rec
     return prev_shape, next_shape
 
 
-def _install() -> None:
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    check_megatron_core_version()
+def _check_installed() -> None:
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    if P2PCommunicator._communicate_shapes is not _communicate_shapes:
+        raise PipelineShapeError(
+            "AttnRes pipeline payloads need the plugin's adaptations: call "
+            "attnres_megatron.compat.install_adaptations(device) once at the start of the program."
+        )
+
+
+def install_planned_shapes() -> None:
+    """``P2PCommunicator._communicate_shapes`` answers from the plan (see the module docstring)."""
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     P2PCommunicator._communicate_shapes = _communicate_shapes
-    _INSTALLED = True

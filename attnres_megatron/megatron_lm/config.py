@@ -4,48 +4,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import importlib.util
-import inspect
 from typing import Any
 
 import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from attnres_megatron.config import AttnResTransformerConfig
-from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
-from attnres_megatron.models.kimi.presets import KimiLinearConfig, kimi_linear_config
+from attnres_megatron.models.families import AttnResMLATransformerConfig as AttnResMLATransformerConfig
+from attnres_megatron.models.families import field_names as _field_names
+from attnres_megatron.models.families import model_family
+from attnres_megatron.models.kimi.presets import KimiLinearConfig
 from attnres_megatron.training.model_setup import attn_res_overrides
-
-
-@dataclasses.dataclass
-class AttnResMLATransformerConfig(MLATransformerConfig, AttnResTransformerConfig):
-    """Multi-latent attention config with the AttnRes options (GPT with ``--multi-latent-attention``)."""
-
-
-def _field_names(config_class: type) -> set[str]:
-    return {field.name for field in dataclasses.fields(config_class) if field.init}
-
-
-ATTN_RES_FIELDS = _field_names(AttnResTransformerConfig) - _field_names(TransformerConfig)
-
-# Kimi Linear fields that Megatron-LM's flags may set although a preset exists (its shape,
-# attention, routing and AttnRes fields come from the preset and the class).
-KIMI_FIELDS_FROM_FLAGS = frozenset({"hidden_dropout", "attention_dropout"})
-KIMI_SHAPE_FIELDS = frozenset(
-    {
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "num_moe_experts",
-        "moe_layer_freq",
-        "apply_rope_fusion",
-        "rotary_interleaved",
-    }
-)
 
 # Megatron-LM arguments whose config field has another name: field -> argument.
 RENAMED = {
@@ -132,25 +101,6 @@ def _kwargs_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_megatron_args(args: argparse.Namespace) -> AttnResTransformerConfig:
     """The AttnRes config for Megatron-LM arguments (``attention_residuals='none'`` unless asked)."""
-    kwargs = transformer_config_kwargs(args)
-    attn_res = attn_res_overrides(args)
-    if args.model != "gpt":
-        return _kimi_config(args.model, kwargs, attn_res)
-    config_class = (
-        AttnResMLATransformerConfig if kwargs["multi_latent_attention"] else AttnResTransformerConfig
-    )
-    names = _field_names(config_class) - ATTN_RES_FIELDS
-    fields = {name: value for name, value in kwargs.items() if name in names}
-    fields.update(attention_residuals="none")
-    fields.update(attn_res)
-    return config_class(**fields)
-
-
-def _kimi_config(name: str, kwargs: dict[str, Any], attn_res: dict[str, Any]) -> KimiLinearConfig:
-    """A Kimi Linear preset with Megatron-LM's runtime settings (parallelism, precision, FP8...)."""
-    own = set(inspect.get_annotations(KimiLinearConfig)) | set(inspect.get_annotations(MLATransformerConfig))
-    model_fields = (
-        set(KIMI_PRESETS[name]) | own | ATTN_RES_FIELDS | KIMI_SHAPE_FIELDS
-    ) - KIMI_FIELDS_FROM_FLAGS
-    runtime = {key: value for key, value in kwargs.items() if key not in model_fields}
-    return kimi_linear_config(name, **runtime, **attn_res)
+    family = model_family(args.model)
+    fields = family.megatron_lm_fields(transformer_config_kwargs(args))
+    return family.make_config(**fields, **attn_res_overrides(args))

@@ -19,11 +19,13 @@ import sys
 from functools import partial
 from types import ModuleType
 
+from attnres_megatron.compat.versions import check_megatron_lm_version
 from attnres_megatron.megatron_lm.arguments import (
     chain_args_providers,
     driver_args_provider,
     extra_args_provider,
 )
+from attnres_megatron.megatron_lm.launch import prepare_pretrain
 from attnres_megatron.megatron_lm.provider import (
     MEGATRON_LM_MISSING,
     MegatronLMNotFoundError,
@@ -31,20 +33,7 @@ from attnres_megatron.megatron_lm.provider import (
 )
 from attnres_megatron.training.quiet import optional_packages_line, quiet_start
 
-SUPPORTED_MEGATRON_LM = (0, 16)
 _SCRIPT_MODULES = ("pretrain_gpt", "gpt_builders", "model_provider")
-
-
-def check_megatron_lm_version() -> None:
-    """Refuse a Megatron-LM checkout other than core_r0.16 (its ``megatron/core/package_info.py``)."""
-    from megatron.core import package_info
-
-    found = (int(package_info.MAJOR), int(package_info.MINOR))
-    if found != SUPPORTED_MEGATRON_LM:
-        raise MegatronLMNotFoundError(
-            f"Megatron-LM {package_info.__version__} found ({package_info.__file__}); the AttnRes "
-            "providers support core_r0.16 (megatron-core 0.16.x). Check out core_r0.16.0."
-        )
 
 
 def load_pretrain_gpt() -> ModuleType:
@@ -56,7 +45,10 @@ def load_pretrain_gpt() -> ModuleType:
         importlib.import_module("megatron.training")
     except ImportError as error:
         raise MegatronLMNotFoundError(MEGATRON_LM_MISSING) from error
-    check_megatron_lm_version()
+    try:
+        check_megatron_lm_version()
+    except ImportError as error:
+        raise MegatronLMNotFoundError(str(error)) from error
     try:
         return importlib.import_module("pretrain_gpt")
     except ModuleNotFoundError as error:
@@ -87,15 +79,17 @@ def main() -> None:
     from megatron.training import inprocess_restart, pretrain
 
     lm.train_valid_test_datasets_provider.is_distributed = True
-    pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
     modelopt_args = lm.add_modelopt_args if getattr(lm, "has_nvidia_modelopt", False) else None
+    args_provider = chain_args_providers(extra_args_provider, driver_args_provider, modelopt_args)
+    pretrain = prepare_pretrain(pretrain, args_provider)
+    pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
     pretrain(
         lm.train_valid_test_datasets_provider,
         model_provider_or(partial(lm.model_provider, lm.gpt_builder)),
         ModelType.encoder_or_decoder,
         lm.forward_step,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=chain_args_providers(extra_args_provider, driver_args_provider, modelopt_args),
+        extra_args_provider=args_provider,
         store=store,
         get_embedding_ranks=lm.get_embedding_ranks,
     )

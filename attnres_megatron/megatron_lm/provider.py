@@ -11,8 +11,7 @@ from megatron.core import parallel_state
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.megatron_lm.arguments import attnres_requested, validate_attn_res_args
 from attnres_megatron.megatron_lm.config import config_from_megatron_args
-from attnres_megatron.megatron_lm.schedule import use_attnres_schedule
-from attnres_megatron.models.builder import build_gpt_model
+from attnres_megatron.models.families import chunk_inputs, model_family
 from attnres_megatron.models.gpt import AttnResGPTModel
 
 MEGATRON_LM_MISSING = (
@@ -76,29 +75,8 @@ def model_provider(
         config = config_from_megatron_args(args)
     elif not isinstance(config, AttnResTransformerConfig):
         raise TypeError(f"the AttnRes model provider needs an AttnResTransformerConfig; got {type(config)}.")
-    if config.attn_res_enabled and config.pipeline_model_parallel_size > 1:
-        use_attnres_schedule()
-    stage = dict(pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-    transformer_impl = getattr(args, "transformer_impl", "transformer_engine")
-    if args.model == "gpt":
-        return build_gpt_model(
-            config,
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            transformer_impl=transformer_impl,
-            position_embedding_type=args.position_embedding_type,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            **stage,
-        )
-    from attnres_megatron.models.kimi.presets import build_kimi_linear_model
-
-    return build_kimi_linear_model(
-        config,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        transformer_impl=transformer_impl,
-        **stage,
-    )
+    inputs = chunk_inputs(args, args.padded_vocab_size)  # auto: the one rule, on this process's device
+    return model_family(args.model).build_chunk(config, inputs, pre_process, post_process, vp_stage)
 
 
 def model_provider_or(stock_provider: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from attnres_megatron.compat.megatron_fixes import apply_megatron_fixes
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.transformer_block import AttnResTransformerBlock
 
@@ -24,6 +23,5 @@ class AttnResGPTModel(GPTModel):
                 "AttnResGPTModel needs an AttnResTransformerConfig; build one with the same "
                 "fields as your TransformerConfig plus attention_residuals=..."
             )
-        apply_megatron_fixes()
         super().__init__(config, *args, **kwargs)
         AttnResTransformerBlock.adopt(self.decoder)

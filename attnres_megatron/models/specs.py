@@ -6,6 +6,7 @@ import copy
 import dataclasses
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -35,14 +36,22 @@ def transformer_engine_available() -> bool:
     return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
 
 
-def resolve_transformer_impl(transformer_impl: str) -> str:
-    """Map 'auto' to 'transformer_engine' when TE imports, else 'local'; refuse TE when absent."""
+def runs_on_cuda(device: Optional[str] = None) -> bool:
+    """Whether ``device`` is a CUDA device (None or 'auto': whether CUDA is available)."""
+    if device is None or device == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def resolve_transformer_impl(transformer_impl: str, device: Optional[str] = None) -> str:
+    """The one rule for every model family: 'auto' is 'transformer_engine' when TE imports and the
+    device is CUDA, else 'local'; an explicit 'transformer_engine' is refused when TE is absent."""
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(
             f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}; got {transformer_impl!r}."
         )
     if transformer_impl == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
+        return "transformer_engine" if transformer_engine_available() and runs_on_cuda(device) else "local"
     if transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ValueError(
             "--transformer-impl transformer_engine was requested but Transformer Engine is not "
@@ -90,7 +99,7 @@ def get_gpt_layer_spec(
     qk_layernorm: bool = False,
     multi_latent_attention: bool = False,
 ) -> ModuleSpec:
-    """GPT layer spec: Transformer Engine's when available (or asked for), else a local
+    """GPT layer spec: Transformer Engine's when asked for (or ``auto`` picks it), else a local
     spec that runs on CPU (SDPA attention, sequence-parallel RMSNorm); AttnRes layers
     unless ``attention_residuals`` is false (then the stock Megatron layer)."""
     impl = resolve_transformer_impl(transformer_impl)

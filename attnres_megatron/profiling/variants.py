@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import copy
 
+from attnres_megatron.models.families import model_family
+
 BLOCK_SIZE_FLAGS = ("attn_res_block_size", "attn_res_layers_per_block", "attn_res_num_blocks")
 
 
@@ -21,7 +23,7 @@ def variant_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     if variant == "block":
         if given:
             out.__dict__.update(given)
-        elif args.model != "gpt":
+        elif not model_family(args.model).shape_from_flags:
             out.attention_residuals = None  # the preset's own Block AttnRes
             return out
         else:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
-from attnres_megatron.models.kimi.presets import PRESETS as KIMI_PRESETS
+from attnres_megatron.models.families import MODEL_FAMILIES, ffn_hidden_size, model_family
 from attnres_megatron.models.specs import (
     CONTEXT_PARALLEL_NEEDS_TE,
     TRANSFORMER_IMPLS,
@@ -26,7 +26,7 @@ from attnres_megatron.training.megatron_lm_flags import flag_name, unrecognized_
 from attnres_megatron.training.quiet import add_verbose_warnings_arg
 from attnres_megatron.training.tokenizers import add_tokenizer_args
 
-MODEL_CHOICES = ("gpt", *sorted(KIMI_PRESETS))
+MODEL_CHOICES = tuple(MODEL_FAMILIES)
 ATTN_RES_WEIGHT_DECAY_WORDS = ("none", "default")
 
 
@@ -202,7 +202,8 @@ def add_model_shape_args(group: argparse._ActionsContainer) -> None:
         choices=TRANSFORMER_IMPLS,
         default="auto",
         help="Layer spec: transformer_engine, local (runs on CPU) or auto (attnres-pretrain's default: "
-        "transformer_engine, Megatron-LM's default, when it imports, else local).",
+        "transformer_engine, Megatron-LM's default, when it imports and the device is CUDA, else local; the "
+        "same rule for every --model).",
     )
     group.add_argument(
         "--attention-backend",
@@ -700,7 +701,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     validate_model_shape(args)
     validate_lr_schedule(args)
     validate_weight_decay(args)
-    num_layers = KIMI_PRESETS.get(args.model, {}).get("num_layers", args.num_layers)
+    num_layers = model_family(args.model).shape("num_layers", args.num_layers)
     validate_pipeline_layout(args, num_layers)
     validate_recompute(args, num_layers)
     validate_optional_packages(args)
@@ -717,15 +718,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except CheckpointError as error:
             _fail(str(error))
     validate_parallel_args(args, world_size)
-
-
-def ffn_hidden_size(args: argparse.Namespace) -> int:
-    """``--ffn-hidden-size``, else Megatron-LM's: 4 x hidden, or int(8 x hidden / 3 / 64) x 64 with SwiGLU."""
-    if args.ffn_hidden_size is not None:
-        return args.ffn_hidden_size
-    if args.swiglu:
-        return int((4 * args.hidden_size * 2 / 3) / 64) * 64
-    return 4 * args.hidden_size
 
 
 def lr_decay_iters(args: argparse.Namespace) -> int:
@@ -767,7 +759,7 @@ def scheduler_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def validate_model_shape(args: argparse.Namespace) -> None:
     """The GPT shape flags fit together (a Kimi preset fixes its own shape)."""
-    if args.model != "gpt":
+    if not model_family(args.model).shape_from_flags:
         return
     for name in ("kv_channels", "ffn_hidden_size", "max_position_embeddings"):
         value = getattr(args, name)
@@ -853,17 +845,19 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
             f"--context-parallel-size {cp} = {model_parallel} does not divide the world size "
             f"{world_size}; launch a multiple of {model_parallel} processes or change the sizes."
         )
-    if cp > 1 and resolve_transformer_impl(args.transformer_impl) == "local":
+    family = model_family(args.model)
+    local = resolve_transformer_impl(args.transformer_impl, args.device) == "local"
+    if cp > 1 and local:
         _fail(CONTEXT_PARALLEL_NEEDS_TE)
     if args.sequence_parallel and tp == 1:
         _fail("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP.")
-    local = resolve_transformer_impl(args.transformer_impl) == "local"
-    if args.sequence_parallel and local and args.model == "gpt" and args.normalization == "LayerNorm":
+    layer_norm = family.shape("normalization", args.normalization) == "LayerNorm"
+    if args.sequence_parallel and local and layer_norm:
         _fail(
             "--sequence-parallel with the local layer spec needs --normalization RMSNorm (PyTorch's "
             "LayerNorm has no sequence-parallel form); pass it, or --transformer-impl transformer_engine."
         )
-    if args.model == "gpt" and args.group_query_attention and args.num_query_groups % tp:
+    if family.shape_from_flags and args.group_query_attention and args.num_query_groups % tp:
         _fail(
             f"--num-query-groups {args.num_query_groups} is not divisible by "
             f"--tensor-model-parallel-size {tp}."
@@ -875,10 +869,9 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
         )
     ep = args.expert_model_parallel_size
     etp = args.expert_tensor_parallel_size or tp
-    preset = KIMI_PRESETS.get(args.model, {})
-    num_experts = preset.get("num_moe_experts", args.num_experts)
-    topk = preset.get("moe_router_topk", args.moe_router_topk)
-    num_layers = preset.get("num_layers", args.num_layers)
+    num_experts = family.shape("num_moe_experts", args.num_experts)
+    topk = family.shape("moe_router_topk", args.moe_router_topk)
+    num_layers = family.shape("num_layers", args.num_layers)
     uneven = args.decoder_first_pipeline_num_layers or args.decoder_last_pipeline_num_layers
     stages = pp * (args.num_virtual_stages_per_pipeline_rank or 1)
     if pp > 1 and not uneven and not args.pipeline_model_parallel_layout and num_layers % stages:
@@ -902,9 +895,10 @@ def validate_parallel_args(args: argparse.Namespace, world_size: int) -> None:
                 f"--expert-model-parallel-size {ep} x expert tensor parallel {etp} does not divide "
                 f"the {world_size // pp} ranks of a pipeline stage."
             )
-        if not preset and args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+        flags = family.shape_from_flags
+        if flags and args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
             _fail("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid.")
-        if not preset and args.add_bias_linear and not args.moe_grouped_gemm:
+        if flags and args.add_bias_linear and not args.moe_grouped_gemm:
             _fail(
                 "--num-experts with linear biases (Megatron-LM's default) fails in Megatron-Core 0.16's "
                 "sequential experts (an in-place bias add on a tensor-parallel view in backward); pass "

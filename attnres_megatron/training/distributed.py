@@ -9,8 +9,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from attnres_megatron.compat.cpu_backend import enable_cpu_backend
 from attnres_megatron.compat.cpu_malloc import retain_freed_memory
+from attnres_megatron.compat.registry import install_adaptations
 from attnres_megatron.training.launch_env import LaunchEnv, discover_launch_env, export_for_torch
 
 DEFAULT_TIMEOUT_MINUTES = 10.0
@@ -43,8 +43,8 @@ def initialize_parallel(
     started, then Megatron's parallel groups and RNG (Megatron-LM's seeding: +100 per pipeline stage);
     every group's operations time out after ``timeout_minutes`` (Megatron-LM's
     ``--distributed-timeout-minutes``)."""
+    install_adaptations(device)
     if device == "cpu":
-        enable_cpu_backend()
         retain_freed_memory()
     if not torch.distributed.is_initialized():
         env = launch_env or discover_launch_env()

@@ -90,7 +90,9 @@ def validate_numbers(args: argparse.Namespace) -> None:
 
 def stock_layers(args: argparse.Namespace) -> bool:
     """Whether the model uses Megatron's own transformer block (no attention residuals)."""
-    return args.attention_residuals == "none" or (args.attention_residuals is None and args.model == "gpt")
+    from attnres_megatron.models.families import model_family
+
+    return model_family(args.model).attention_residuals(args.attention_residuals) == "none"
 
 
 def validate_recompute(args: argparse.Namespace, num_layers: int) -> None:
@@ -233,7 +235,7 @@ def validate_optional_packages(args: argparse.Namespace) -> None:
     from attnres_megatron.models.specs import resolve_transformer_impl
 
     try:
-        resolve_transformer_impl(args.transformer_impl)
+        resolve_transformer_impl(args.transformer_impl, args.device)
     except ValueError as error:
         fail(str(error))
     if args.attn_res_impl == "fused" and args.device != "cpu":

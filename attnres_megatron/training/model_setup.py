@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -27,27 +26,10 @@ from megatron.core.transformer.module import Float16Module
 
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.depth_attention import DepthAttention
-from attnres_megatron.models.builder import build_gpt_model
-from attnres_megatron.training.arguments import (
-    ffn_hidden_size,
-    scheduler_settings,
-    validate_args,
-)
+from attnres_megatron.models.families import chunk_inputs, model_family
+from attnres_megatron.training.arguments import scheduler_settings, validate_args
 from attnres_megatron.training.distributed import initialize_parallel, resolve_device
 from attnres_megatron.training.launch_env import LaunchEnv, LaunchEnvError, discover_launch_env
-
-MOE_FIELDS_FROM_ARGS = (
-    "moe_router_topk",
-    "moe_router_score_function",
-    "moe_router_enable_expert_bias",
-    "moe_router_bias_update_rate",
-    "moe_router_topk_scaling_factor",
-    "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
-    "moe_token_dispatcher_type",
-    "moe_grouped_gemm",
-    "moe_shared_expert_intermediate_size",
-)
 
 
 def attn_res_overrides(args: argparse.Namespace) -> dict:
@@ -91,55 +73,20 @@ def parallel_fields(args: argparse.Namespace, device: str) -> dict:
 
 def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransformerConfig:
     """The Megatron config for these arguments; ``ValueError`` names a bad option."""
-    if args.model != "gpt":
-        from attnres_megatron.models.kimi.presets import kimi_linear_config
-
-        return kimi_linear_config(args.model, **parallel_fields(args, device), **attn_res_overrides(args))
-    if args.attention_residuals is None:
-        args.attention_residuals = "none"
-    moe = {}
-    if args.num_experts is not None:
-        moe = {name: getattr(args, name) for name in MOE_FIELDS_FROM_ARGS}
-        moe.update(
-            num_moe_experts=args.num_experts,
-            moe_ffn_hidden_size=args.moe_ffn_hidden_size or ffn_hidden_size(args),
-            moe_router_dtype="fp32",
-        )
-    return AttnResTransformerConfig(
-        **gpt_shape_fields(args),
-        **parallel_fields(args, device),
-        **attn_res_overrides(args),
-        **moe,
-    )
-
-
-def gpt_shape_fields(args: argparse.Namespace) -> dict:
-    """Config fields of the GPT shape flags, mapped as Megatron-LM's ``core_transformer_config_from_args``
-    maps them (SwiGLU -> gated SiLU MLP, else GeLU; biases; GQA only with ``--group-query-attention``)."""
-    return dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=ffn_hidden_size(args),
-        num_attention_heads=args.num_attention_heads,
-        kv_channels=args.kv_channels,
-        num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias or args.add_bias_linear,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        qk_layernorm=args.qk_layernorm,
-        init_method_std=args.init_method_std,
+    family = model_family(args.model)
+    args.attention_residuals = family.mode_flag(args.attention_residuals)
+    return family.make_config(
+        **family.flag_fields(args), **parallel_fields(args, device), **attn_res_overrides(args)
     )
 
 
 def gpt_model_kwargs(args: argparse.Namespace) -> dict:
     """``build_gpt_model`` arguments of the GPT flags: positions, their number, tied output weights."""
+    inputs = chunk_inputs(args, vocab_size=0)
     return dict(
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        position_embedding_type=args.position_embedding_type,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        max_sequence_length=inputs.max_sequence_length,
+        position_embedding_type=inputs.position_embedding_type,
+        share_embeddings_and_output_weights=inputs.share_embeddings_and_output_weights,
     )
 
 
@@ -273,6 +220,8 @@ def setup_training(
     from megatron.core import parallel_state
 
     virtual = virtual_stages(args)
+    family = model_family(args.model)
+    inputs = chunk_inputs(args, vocab_size, device)  # the tokenizer's vocabulary, padded (not a preset's)
     ddp = []
     for vp_stage in range(virtual or 1):
         vp = vp_stage if virtual else None
@@ -281,27 +230,7 @@ def setup_training(
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
         )
-        if args.model == "gpt":
-            model = build_gpt_model(
-                config,
-                vocab_size=vocab_size,
-                transformer_impl=args.transformer_impl,
-                **gpt_model_kwargs(args),
-                **stage,
-            )
-        else:
-            from attnres_megatron.models.kimi.presets import build_kimi_linear_model
-
-            transformer_impl = (
-                "local" if args.transformer_impl == "auto" and device == "cpu" else args.transformer_impl
-            )
-            model = build_kimi_linear_model(
-                config,
-                vocab_size=vocab_size,  # the tokenizer's, padded (not the preset's)
-                max_sequence_length=args.seq_length,
-                transformer_impl=transformer_impl,
-                **stage,
-            )
+        model = family.build_chunk(config, inputs, **stage)
         model = model.to(device)
         if args.bf16:
             model = Float16Module(config, model)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
+from attnres_megatron.models.families import model_family
 from attnres_megatron.pipeline.ledger import get_byte_ledger
 from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args
@@ -179,7 +180,7 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         if config.num_moe_experts
         else ""
     )
-    name = "AttnRes GPT" if args.model == "gpt" else args.model
+    name = model_family(args.model).display_name
     return (
         f"> {name}: {params:,} parameters on this rank, {config.num_layers} layers, hidden "
         f"{config.hidden_size}{moe}, attention residuals: {attn_res}, device {device}"

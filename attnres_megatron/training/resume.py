@@ -8,6 +8,7 @@ import argparse
 from typing import Any, Optional
 
 from attnres_megatron.config import resolve_sublayers_per_block
+from attnres_megatron.models.families import model_family, model_shape_from_flags
 from attnres_megatron.training.arguments import scheduler_settings
 
 # Model signature key -> the flag(s) that set it. A checkpoint loads only into the same model.
@@ -85,7 +86,7 @@ def model_signature(config: Any, args: argparse.Namespace) -> dict[str, Any]:
     """What defines the model's parameters and function, from its config and the GPT flags."""
     signature: dict[str, Any] = {"model": args.model}
     signature.update({key: getattr(config, key, None) for key in _FROM_CONFIG})
-    if args.model == "gpt":
+    if model_family(args.model).shape_from_flags:
         learned = args.position_embedding_type == "learned_absolute"
         signature.update(
             position_embedding_type=args.position_embedding_type,
@@ -108,7 +109,7 @@ def legacy_signature(saved: dict[str, Any]) -> dict[str, Any]:
     if "padded_vocab_size" in saved:
         signature["padded_vocab_size"] = saved["padded_vocab_size"]
     mode = saved.get("attention_residuals")
-    if model != "gpt":  # the preset fixes the shape
+    if not model_shape_from_flags(model):  # the preset fixes the shape
         if mode is not None:
             signature["attention_residuals"] = mode
         return signature

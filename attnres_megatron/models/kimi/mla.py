@@ -29,7 +29,6 @@ from megatron.core.transformer.multi_latent_attention import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from attnres_megatron.compat.megatron_fixes import apply_megatron_fixes
 from attnres_megatron.layers.sdpa_attention import SDPACoreAttention
 
 
@@ -103,7 +102,6 @@ class NoPEMLASelfAttention(MLASelfAttention):
             )
         if config.apply_rope_fusion:
             raise ValueError("NoPE MLA needs apply_rope_fusion=False (there is nothing to rotate).")
-        apply_megatron_fixes()
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.rotary_pos_emb = NoRotaryEmbedding(cp_group=self.pg_collection.cp)
         if isinstance(self.linear_kv_down_proj, ColumnParallelLinear):

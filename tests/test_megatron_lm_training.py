@@ -1,0 +1,94 @@
+"""Megatron-LM's own training loop trains the AttnRes models on the CPU, through both routes.
+
+Each layout runs three times with the same flags: the no-patch driver, Megatron-LM's patched
+``pretrain_gpt.py`` and ``attnres-pretrain``; the per-iteration training losses Megatron-LM writes
+to TensorBoard must equal ``attnres-pretrain``'s (fp32, dropout on). Skipped without a Megatron-LM
+checkout in ``MEGATRON_LM_DIR`` (see ``megatron_lm_runs.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from megatron_lm_runs import ROUTES, SKIP_REASON, Run, checkout_available, launch
+
+pytestmark = pytest.mark.skipif(not checkout_available(), reason=SKIP_REASON)
+
+ITERATIONS = 3
+TINY_GPT = (
+    "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --attention-residuals block "
+    "--attn-res-num-blocks 2"
+).split()
+KIMI_TINY = (
+    "--model kimi-linear-tiny --num-layers 5 --hidden-size 64 --num-attention-heads 4 --num-experts 8 "
+    "--position-embedding-type none --untie-embeddings-and-output-weights"
+).split()
+RUN = (
+    f"--seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 8 "
+    f"--train-iters {ITERATIONS} --lr 1e-3 --min-lr 1e-4 --lr-decay-iters {ITERATIONS} --mock-data "
+    "--tokenizer-type NullTokenizer --vocab-size 255 --eval-interval 3 --eval-iters 1 --log-interval 1 "
+    "--seed 1234"
+).split()
+# name: (processes, flags); every layout keeps Megatron-LM's dropout (0.1).
+LAYOUTS = {
+    "single": (1, [*TINY_GPT]),
+    "tp2_sp": (
+        2,
+        [*TINY_GPT, "--normalization", "RMSNorm", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    ),
+    "pp2_vpp2": (
+        2,
+        [*TINY_GPT, "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
+    ),
+    "ep2_moe": (
+        2,
+        [*TINY_GPT]
+        + "--num-experts 4 --moe-router-topk 2 --expert-model-parallel-size 2 --disable-bias-linear "
+        "--moe-token-dispatcher-type alltoall".split(),
+    ),
+    "kimi_tiny_pp2": (
+        2,
+        [*KIMI_TINY, "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"],
+    ),
+}
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[tuple[str, str], Run]:
+    """Launches of this module, by (layout, route), made on first use."""
+    return {}
+
+
+def trained(runs: dict, tmp_path_factory, layout: str, route: str) -> Run:
+    if (layout, route) not in runs:
+        nproc, flags = LAYOUTS[layout]
+        workdir = tmp_path_factory.mktemp(f"{layout}-{route}")
+        run = launch(route, [*flags, *RUN], workdir, nproc=nproc)
+        assert run.returncode == 0, run.output[-6000:]
+        runs[layout, route] = run
+    return runs[layout, route]
+
+
+def assert_same_losses(got: dict[int, float], wanted: dict[int, float]) -> float:
+    """Equal per-iteration losses; returns the largest relative difference."""
+    assert sorted(got) == sorted(wanted) == list(range(1, ITERATIONS + 1))
+    worst = 0.0
+    for step, value in wanted.items():
+        assert math.isclose(got[step], value, rel_tol=LOSS_RTOL), (step, got[step], value)
+        worst = max(worst, abs(got[step] - value) / abs(value))
+    return worst
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_megatron_lm_loop_trains_with_attnres_pretrains_losses(layout, route, runs, tmp_path_factory):
+    run = trained(runs, tmp_path_factory, layout, route)
+    reference = trained(runs, tmp_path_factory, layout, "attnres-pretrain")
+    worst = assert_same_losses(run.scalars("lm loss"), reference.scalars("lm loss"))
+    print(f"{layout} {route}: largest relative loss difference {worst:.2e}")
+    # Megatron-LM's own loop did it: its log lines, its evaluation, its TensorBoard tags.
+    assert f"iteration        {ITERATIONS}/       {ITERATIONS} |" in run.output
+    assert f"validation loss at iteration {ITERATIONS} on validation set" in run.output
+    assert run.scalars("lm loss validation") and run.scalars("learning-rate")
