@@ -34,8 +34,8 @@ if [ -z "${NPROC:-}" ]; then
   if [ "$NPROC" = 0 ] && [ "$DRY_RUN" = 1 ]; then NPROC=8; fi
 fi
 if [ "$NPROC" = 0 ]; then
-  echo "error: no GPU found (nvidia-smi -L); Megatron-LM's training loop needs CUDA. For CPU runs use" \
-    "examples/pretrain_tiny_cpu.sh (attnres-pretrain)." >&2
+  echo "error: no GPU found (nvidia-smi -L); this script launches one process per GPU. On the CPU," \
+    "run the driver with --device cpu (README, 'Using with Megatron-LM'), or set NPROC." >&2
   exit 1
 fi
 

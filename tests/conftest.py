@@ -120,6 +120,7 @@ MULTI_PROCESS_QUICK = ("distributed",)  # more than one process, yet quick
 MARKS = {
     "test_parallel.py": DISTRIBUTED,
     "test_pipeline.py": DISTRIBUTED,
+    "test_megatron_lm_training.py": DISTRIBUTED,
     "test_distributed_cli.py::test_torchrun_layouts_reproduce_single_process_losses": DISTRIBUTED,
     "test_distributed_cli.py::test_torchrun_expert_parallel_moe_dispatchers_agree": DISTRIBUTED,
     "test_distributed_cli.py::test_torchrun_interleaved_pipeline_trains_and_reports_cached_traffic": (

@@ -97,7 +97,8 @@ def launch(route: str, argv: list[str], workdir: Path, nproc: int = 1, timeout: 
     """Run ``route`` on the CPU with ``argv``, TensorBoard events under ``workdir/board``."""
     workdir.mkdir(parents=True, exist_ok=True)
     board = workdir / "board"
-    full = [*command(route, nproc, workdir), *argv, "--device", "cpu", "--tensorboard-dir", str(board)]
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    full = [*command(route, nproc, workdir), *argv, *device, "--tensorboard-dir", str(board)]
     done = subprocess.run(
         full, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=timeout
     )

@@ -20,11 +20,13 @@ dropout RNG through a CUDA generator tracker. On a machine without CUDA this mod
   ``LanguageModule.setup_embeddings_and_output_layer``, which moves the weight with
   ``.cuda()`` first: that method runs under the CUDA-to-CPU mode;
 * ``torch.cuda.manual_seed`` seeds the CPU default generator (on GPU the default CUDA
-  generator carries the data-parallel seed; on CPU that role falls to the CPU one).
+  generator carries the data-parallel seed; on CPU that role falls to the CPU one);
+* pipeline sends hand gloo an alias of the sent tensor, whose storage the schedules cannot
+  swap out while gloo still reads it.
 
-It is activated explicitly with :func:`enable_cpu_backend` (``--device cpu``, or
-automatically by the launcher when CUDA is absent) and refuses to run where CUDA is
-available, so the GPU path always stays stock Megatron-Core.
+Each ``install_*`` function here is one entry of :mod:`attnres_megatron.compat.registry`, which
+installs them for ``--device cpu`` only (``enable_cpu_backend`` installs the CPU set) and refuses
+where CUDA is available, so the GPU path always stays stock Megatron-Core.
 """
 
 from __future__ import annotations
