@@ -6,6 +6,8 @@ oracle's weights and trained through Megatron-Core's real schedule (1F1B, or int
 1F1B with virtual stages) with several micro-batches in flight. Each rank writes its
 gradient comparison, its loss (last stage), the bytes its chunks sent across each
 boundary, and the cache's deposit/drain counts to ``OUT/<scenario>.rank<r>.json``.
+``bitwise`` scenarios add two fp32 runs, with the value cache and without it (every hop
+carries every block its receiver reads), and the bits in which their gradients differ.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ warnings.filterwarnings("ignore")
 VOCAB, SEQ, MICRO_BATCH, HIDDEN = 64, 8, 2, 32
 TOLERANCE = dict(rtol=1e-9, atol=1e-11)
 
-# name: pipeline size, virtual size, layers, mode/block size, micro-batches, layer split
+# name: pipeline size, virtual size, layers, mode/block size, micro-batches, layer split;
+# bitwise: also two fp32 runs, with and without the value cache, compared bit for bit
 SCENARIOS = {
     "pp2_block_aligned": dict(pp=2, layers=4, block=4, micro_batches=4),
     "pp2_block_unaligned": dict(pp=2, layers=4, block=3, micro_batches=3),
     "pp2_full": dict(pp=2, layers=4, mode="full", micro_batches=3),
     "pp4_block_unaligned": dict(pp=4, layers=4, block=3, micro_batches=4),
     "pp4_full": dict(pp=4, layers=4, mode="full", micro_batches=4),
-    "pp2_vpp2_block_aligned": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4),
+    "pp2_vpp2_block_aligned": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, bitwise=True),
     "pp2_vpp2_block_unaligned": dict(pp=2, vpp=2, layers=4, block=3, micro_batches=4),
-    "pp2_vpp2_full": dict(pp=2, vpp=2, layers=4, mode="full", micro_batches=4),
-    "pp4_vpp2_block_unaligned": dict(pp=4, vpp=2, layers=8, block=3, micro_batches=4),
-    "pp4_vpp2_full": dict(pp=4, vpp=2, layers=8, mode="full", micro_batches=4),
+    "pp2_vpp2_full": dict(pp=2, vpp=2, layers=4, mode="full", micro_batches=4, bitwise=True),
+    "pp2_vpp3_block_aligned": dict(pp=2, vpp=3, layers=6, block=2, micro_batches=4, bitwise=True),
+    "pp4_vpp2_block_unaligned": dict(pp=4, vpp=2, layers=8, block=3, micro_batches=4, bitwise=True),
+    "pp4_vpp2_full": dict(pp=4, vpp=2, layers=8, mode="full", micro_batches=4, bitwise=True),
     "pp2_uneven_block": dict(pp=2, layers=5, block=4, micro_batches=3, first=2),
     "pp4_uneven_first_last": dict(pp=4, layers=8, block=3, micro_batches=4, first=1, last=3),
     "pp2_layout_1_3": dict(pp=2, layers=4, block=3, micro_batches=3, layout="Et|t*3L", split=[1, 3]),
@@ -65,7 +69,7 @@ SCENARIOS = {
 }
 
 
-def make_config(spec: dict, parallel: bool):
+def make_config(spec: dict, parallel: bool, dtype: torch.dtype = torch.float64):
     pipeline = {}
     if parallel:
         pipeline = dict(
@@ -74,9 +78,11 @@ def make_config(spec: dict, parallel: bool):
             num_layers_in_first_pipeline_stage=spec.get("first"),
             num_layers_in_last_pipeline_stage=spec.get("last"),
             pipeline_model_parallel_layout=spec.get("layout"),
-            pipeline_dtype=torch.float64,
+            pipeline_dtype=dtype,
             **spec.get("extra", {}),
         )
+    if dtype != torch.float64:
+        pipeline["params_dtype"] = dtype
     if spec.get("kimi"):
         return kimi_tiny_config(**pipeline)
     mode = spec.get("mode", "block")
@@ -155,7 +161,9 @@ def inject_dropped_deposit(cache) -> None:
     cls._collect = collect_and_drop
 
 
-def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
+def train_once(spec: dict, full: dict, dtype: torch.dtype = torch.float64, cached: bool = True) -> dict:
+    """One forward-backward call through the AttnRes schedule on this rank's chunks, built
+    with the oracle's weights (cast to ``dtype``); with or without the value cache."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -164,19 +172,14 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from attnres_megatron.pipeline.cache import SourceCache, get_source_cache
+    from attnres_megatron.pipeline.cache import get_source_cache
+    from attnres_megatron.pipeline.ledger import get_byte_ledger
     from attnres_megatron.pipeline.schedule import get_forward_backward_func
 
-    global ORIGINAL_COLLECT
-    ORIGINAL_COLLECT = SourceCache._collect
-    from attnres_megatron.pipeline.ledger import get_byte_ledger
-
-    oracle_loss, full = oracle(spec)
-    parallel_state.destroy_model_parallel()
     virtual = spec.get("vpp")
-    parallel_state.initialize_model_parallel(1, spec["pp"], virtual_pipeline_model_parallel_size=virtual)
     model_parallel_cuda_manual_seed(5)
-    config = make_config(spec, True)
+    config = make_config(spec, True, dtype)
+    config.attn_res_pipeline_cache = cached
     chunks = []
     for vp_stage in range(virtual or 1):
         vp = vp_stage if virtual else None
@@ -185,7 +188,7 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
             vp_stage=vp,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-        ).double()
+        ).to(dtype)
         with torch.no_grad():
             for param_name, param in chunk.named_parameters():
                 param.copy_(full[oracle_name(param_name, chunk)][0])
@@ -225,30 +228,75 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     finally:
         type(get_source_cache())._collect = ORIGINAL_COLLECT
     finalize_model_grads(ddp)
-    cache_counts = get_source_cache().last_counts
-
-    mismatches, checked = [], 0
-    for chunk in chunks:
-        for param_name, param in chunk.named_parameters():
-            expected = full[oracle_name(param_name, chunk)][1]
-            if not torch.allclose(param.main_grad, expected, **TOLERANCE):
-                err = (param.main_grad - expected).abs().max().item()
-                mismatches.append(f"{oracle_name(param_name, chunk)}: max abs err {err:.3e}")
-            checked += 1
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    loss = (sum(out["loss"].item() for out in outputs) / len(data)) if last_stage and outputs else None
-    result = {
-        "scenario": name,
-        "rank": torch.distributed.get_rank(),
-        "loss": loss,
-        "oracle_loss": oracle_loss,
-        "grads_checked": checked,
-        "grad_mismatches": mismatches,
+    losses = [out["loss"].item() for out in outputs] if last_stage else []
+    return {
+        "grads": {
+            oracle_name(name, chunk): param.main_grad.detach().clone()
+            for chunk in chunks
+            for name, param in chunk.named_parameters()
+        },
+        "losses": losses,
+        "loss": sum(losses) / len(data) if losses else None,
         "ledger": {str(k): v for k, v in get_byte_ledger().summary().items()},
-        "cache": cache_counts,
+        "cache": get_source_cache().last_counts,
         "accounting_error": accounting_error,
         "layer_numbers": [[layer.layer_number for layer in c.decoder.layers] for c in chunks],
     }
+
+
+def bitwise_mismatches(first: dict, second: dict) -> list[str]:
+    """Gradients (and per-micro-batch losses) that differ in any bit."""
+    found = []
+    for name, grad in first["grads"].items():
+        other = second["grads"][name]
+        bits = torch.int64 if grad.dtype == torch.float64 else torch.int32
+        if grad.shape != other.shape or not torch.equal(grad.view(bits), other.view(bits)):
+            found.append(f"{name}: max abs diff {(grad - other).abs().max().item():.3e}")
+    if [x.hex() for x in first["losses"]] != [x.hex() for x in second["losses"]]:
+        found.append(f"losses {first['losses']} vs {second['losses']}")
+    return found
+
+
+def summary_of(run: dict) -> dict:
+    return {key: run[key] for key in ("losses", "ledger", "cache", "accounting_error")}
+
+
+def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
+    from megatron.core import parallel_state
+
+    from attnres_megatron.pipeline.cache import SourceCache
+
+    global ORIGINAL_COLLECT
+    ORIGINAL_COLLECT = SourceCache._collect
+
+    oracle_loss, full = oracle(spec)
+    parallel_state.destroy_model_parallel()
+    virtual = spec.get("vpp")
+    parallel_state.initialize_model_parallel(1, spec["pp"], virtual_pipeline_model_parallel_size=virtual)
+    run = train_once(spec, full)
+    mismatches = []
+    for param_name, grad in run["grads"].items():
+        expected = full[param_name][1]
+        if not torch.allclose(grad, expected, **TOLERANCE):
+            mismatches.append(f"{param_name}: max abs err {(grad - expected).abs().max().item():.3e}")
+    result = {
+        "scenario": name,
+        "rank": torch.distributed.get_rank(),
+        "oracle_loss": oracle_loss,
+        "grads_checked": len(run["grads"]),
+        "grad_mismatches": mismatches,
+        **{key: run[key] for key in ("loss", "ledger", "cache", "accounting_error", "layer_numbers")},
+    }
+    if spec.get("bitwise"):
+        # fp32, with and without the value cache: every bit of every gradient and loss agrees.
+        cached, uncached = (train_once(spec, full, torch.float32, cached=flag) for flag in (True, False))
+        result["bitwise"] = {
+            "cached": summary_of(cached),
+            "uncached": summary_of(uncached),
+            "compared": len(cached["grads"]),
+            "mismatches": bitwise_mismatches(cached, uncached),
+        }
     (out_dir / f"{name}.rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result, indent=1))
 
 

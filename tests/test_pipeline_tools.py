@@ -1,7 +1,11 @@
-"""Fast checks of tools/bench_pipeline_comm.py and tools/plan_pipeline_stages.py (no processes)."""
+"""Fast checks of the pure pipeline layout (attnres_megatron/pipeline/layout.py) and the two
+tools built on it, tools/bench_pipeline_comm.py and tools/plan_pipeline_stages.py (no
+processes). Transfer counts are checked against the strict minimum computed by set
+arithmetic in tests/pipeline_minimum.py, not by the layout code."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import itertools
 import json
@@ -11,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pipeline_minimum import hop_tensors, sublayer_ranges
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -28,6 +33,7 @@ def load_tool(name: str) -> ModuleType:
 
 bench = load_tool("bench_pipeline_comm")
 planner = load_tool("plan_pipeline_stages")
+layout = bench.layout  # attnres_megatron/pipeline/layout.py, the plugin's own
 
 KIMI = dict(
     num_layers=27,
@@ -53,12 +59,72 @@ def rows_by(report, pp: int, vpp: int) -> dict:
 # --------------------------------------------------------------------------- bench
 
 
+def test_one_pure_layout_module_serves_the_model_and_both_tools():
+    assert bench.layout is planner.layout is sys.modules["attnres_megatron.pipeline.layout"]
+    assert planner.even_split is layout.even_split and planner.sources_at is layout.sources_at
+    tree = ast.parse(Path(layout.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "collections.abc", "dataclasses", "functools", "typing"}
+
+
 def test_even_split_puts_remainder_on_last_chunks():
-    assert bench.even_split(27, 3) == [9, 9, 9]
-    assert bench.even_split(10, 4) == [2, 2, 3, 3]
-    assert bench.chunk_ranges([2, 3]) == ((0, 4), (4, 10))
+    assert layout.even_split(27, 3) == [9, 9, 9]
+    assert layout.even_split(10, 4) == [2, 2, 3, 3]
+    assert layout.chunk_ranges([2, 3]) == ((0, 4), (4, 10))
     with pytest.raises(ValueError):
-        bench.even_split(3, 4)
+        layout.even_split(3, 4)
+    with pytest.raises(ValueError, match="has no layers"):
+        layout.PipelineLayout.from_layer_counts(2, 1, 2, [2, 0])
+
+
+# PP x V: (naive, cached) tensors per micro-batch, forward, Kimi Linear 48B (27 layers, S = 6)
+KIMI_TABLE = {(3, 1): (11, 11), (3, 3): (44, 17), (9, 1): (44, 44), (9, 3): (152, 83)}
+
+
+def test_kimi_table_is_the_strict_minimum(kimi_report):
+    for (pp, vpp), (naive, cached) in KIMI_TABLE.items():
+        rows = rows_by(kimi_report, pp, vpp)
+        ranges = sublayer_ranges(rows["Block cached"].layers_per_chunk)
+        assert rows["Block cached"].hop_tensors == hop_tensors(ranges, pp, 6)
+        assert rows["Block naive"].hop_tensors == hop_tensors(ranges, pp, 6, cached=False)
+        assert rows["Full AttnRes naive"].hop_tensors == hop_tensors(ranges, pp, 1, cached=False)
+        assert (rows["Block naive"].total_tensors, rows["Block cached"].total_tensors) == (naive, cached)
+
+
+def random_layouts(count: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(count):
+        pp, vpp, block = rng.randint(2, 4), rng.randint(1, 4), rng.randint(1, 8)
+        counts = [rng.randint(1, 4) for _ in range(pp * vpp)]
+        yield layout.PipelineLayout.from_layer_counts(pp, vpp, block, counts)
+
+
+def test_layout_sends_the_strict_minimum_on_random_splits():
+    for plan in random_layouts(400, 7):
+        args = (list(plan.chunk_ranges), plan.pipeline_size, plan.sublayers_per_block)
+        assert plan.hop_sources() == hop_tensors(*args)
+        assert plan.hop_sources(cached=False) == hop_tensors(*args, cached=False)
+        counts = [(end - start) // 2 for start, end in plan.chunk_ranges]
+        assert planner.received_tensors(counts, plan.pipeline_size, plan.sublayers_per_block) == [
+            0,
+            *hop_tensors(*args),
+        ]
+
+
+def test_kept_blocks_have_one_holder_per_rank_and_are_never_sent_on():
+    for plan in random_layouts(200, 5):
+        for chunk in plan.chunks:
+            following = plan.next_on_rank(chunk)
+            if following is not None:  # knowledge only grows: a block read from the rank's hold
+                assert set(plan.blocks_held(chunk)) <= set(plan.blocks_known(following))
+            if chunk.index + 1 < len(plan.chunks):  # ... is known to the next chunk's rank too
+                assert set(plan.blocks_known(chunk)) <= set(plan.blocks_known(plan.chunks[chunk.index + 1]))
+            for block in plan.blocks_known(chunk):
+                holder = plan.holder(chunk, block)
+                assert holder.pp_rank == chunk.pp_rank and holder.index < chunk.index
+            held = [plan.blocks_held(c) for c in plan.chunks if c.pp_rank == chunk.pp_rank]
+            assert sum(map(len, held)) == len(set().union(*map(set, held)))
 
 
 def test_all_kimi_combinations_present(kimi_report):
@@ -106,7 +172,9 @@ def test_paper_equations_match_once_b0_is_left_out_when_aligned(kimi_report):
     pp3v3 = by_pair[(3, 3)]
     assert pp3v3.n_p == 1
     assert pp3v3.eq7_naive == 36 and pp3v3.naive_without_b0 == 36 and pp3v3.naive_total == 44
-    assert pp3v3.eq8_cached == 21 and pp3v3.cached_without_b0 == 21 and pp3v3.cached_total == 23
+    # below Eq. 8: no hop carries back the block the receiver's rank ended its previous chunk with
+    assert pp3v3.eq8_cached == 21 and pp3v3.cached_without_b0 == 15 and pp3v3.cached_total == 17
+    assert any("keeps the block its previous chunk ended with" in note for note in pp3v3.notes)
     pp9v3 = by_pair[(9, 3)]  # boundaries inside blocks: exact exceeds the paper
     assert pp9v3.cached_without_b0 > pp9v3.eq8_cached
     assert any("inside a block" in note for note in pp9v3.notes)
@@ -116,40 +184,6 @@ def test_too_few_layers_is_skipped_with_a_note():
     report = bench.compute(**{**KIMI, "num_layers": 8, "pp_sizes": [3], "vpp_sizes": [1, 3]})
     assert {(row.pp, row.vpp) for row in report.rows} == {(3, 1)}
     assert len(report.skipped) == 1 and "PP=3 V=3" in report.skipped[0]
-
-
-@pytest.mark.parametrize(
-    "num_layers,block,pp,vpp",
-    [(8, 4, 2, 2), (12, 6, 3, 2), (10, 3, 2, 2), (27, 6, 9, 3), (13, 5, 3, 2), (9, 1, 3, 3), (7, 14, 2, 1)],
-)
-def test_hop_widths_match_plugin_layout(num_layers, block, pp, vpp):
-    from attnres_megatron.pipeline.layout import PipelineLayout
-
-    ranges = bench.chunk_ranges(bench.even_split(num_layers, pp * vpp))
-    layout = PipelineLayout(
-        pipeline_size=pp, virtual_size=vpp, sublayers_per_block=block, chunk_ranges=ranges
-    )
-    for cached in (True, False):
-        expected = [layout.sources_received(chunk, cached=cached) for chunk in layout.chunks[1:]]
-        assert bench.hop_widths(ranges, pp, block, cached=cached) == expected
-    counts = [end - start for start, end in ranges]
-    counts = [count // 2 for count in counts]
-    assert list(planner.received_tensors(counts, pp, block)[1:]) == [
-        layout.sources_received(chunk) for chunk in layout.chunks[1:]
-    ]
-
-
-def test_planner_received_matches_plugin_layout_on_random_splits():
-    from attnres_megatron.pipeline.layout import PipelineLayout
-
-    rng = random.Random(7)
-    for _ in range(30):
-        pp, vpp, block = rng.randint(2, 4), rng.randint(1, 3), rng.randint(1, 8)
-        counts = [rng.randint(1, 4) for _ in range(pp * vpp)]
-        layout = PipelineLayout(pp, vpp, block, bench.chunk_ranges(counts))
-        assert planner.received_tensors(counts, pp, block)[1:] == [
-            layout.sources_received(chunk) for chunk in layout.chunks[1:]
-        ]
 
 
 def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):

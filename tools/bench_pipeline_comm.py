@@ -10,18 +10,19 @@ chunk boundaries ("hops"); each row counts the [s, b, h] tensors those hops carr
 * ``Full AttnRes naive``: S = 1 (every sublayer output is a source), no cache;
 * ``Block naive``: every hop carries all sources the receiver needs (b0, the completed blocks
   and the current block's partial sum), no cache;
-* ``Block cached``: cross-stage caching (paper Eq. 8): a rank keeps the blocks it received
-  for its earlier chunks of the same micro-batch, so a hop carries only the blocks it lacks,
-  plus the partial. This is exactly what the plugin sends
-  (``attnres_megatron.pipeline.layout.PipelineLayout.sources_received``, mirrored here
-  without importing Megatron so the tool stays fast; ``tests/test_pipeline_tools.py``
-  checks that the two agree);
+* ``Block cached``: cross-stage caching (paper Eq. 8) at the strict minimum: a rank knows a
+  tensor of a micro-batch once it has received or produced it (the block its previous chunk
+  ended with included), so a hop carries only the blocks its receiver's rank lacks, plus the
+  partial sum. This is exactly what the plugin sends: the counts come from the plugin's own
+  layout module, ``attnres_megatron/pipeline/layout.py`` (pure; loaded from its file so the
+  tool does not import Megatron), and ``tests/test_pipeline.py`` checks them against the bytes
+  measured under Megatron-Core's schedules;
 * ``Block padded uniform``: every hop padded to the widest cached hop, what a schedule
   with one fixed p2p tensor shape must send (for V = 1 the same as padding to the widest hop).
 
 The backward pass sends the gradients of the same tensors, so its traffic equals the
 forward's. The paper's Eq. 7 (naive) and Eq. 8 (cached) are printed beside the exact
-counts, with N_p = N / C blocks per chunk (see ``paper_counts``).
+counts, with N_p = N / C (see ``paper_counts``).
 
 Example: ``python tools/bench_pipeline_comm.py --pp 3 9 --vpp 1 3 --markdown comm.md``.
 """
@@ -29,6 +30,7 @@ Example: ``python tools/bench_pipeline_comm.py --pp 3 9 --vpp 1 3 --markdown com
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -51,61 +53,24 @@ MIB = 1 << 20
 MAX_LISTED_HOPS = 8
 
 
-def even_split(num_layers: int, num_chunks: int) -> list[int]:
-    """Layers per chunk: ``num_layers // num_chunks`` each, the remainder to the LAST chunks.
-
-    With 10 layers over 4 chunks this gives ``[2, 2, 3, 3]``. Raises ``ValueError`` when a
-    chunk would get no layer (AttnRes needs at least one layer per chunk).
-    """
-    if num_chunks < 1:
-        raise ValueError(f"need at least one chunk; got {num_chunks}")
-    if num_layers < num_chunks:
-        raise ValueError(f"{num_layers} layers cannot give each of {num_chunks} chunks a layer")
-    base, extra = divmod(num_layers, num_chunks)
-    return [base + (1 if chunk >= num_chunks - extra else 0) for chunk in range(num_chunks)]
+def load_layout():
+    """The plugin's pure layout module, without importing the package (and Megatron)."""
+    name = "attnres_megatron.pipeline.layout"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "attnres_megatron/pipeline/layout.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def chunk_ranges(layers_per_chunk: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Global sublayer ranges ``[start, end)`` of the chunks (two sublayers per layer)."""
-    ranges = []
-    start = 0
-    for count in layers_per_chunk:
-        ranges.append((2 * start, 2 * (start + count)))
-        start += count
-    return tuple(ranges)
+layout = load_layout()
+PipelineLayout = layout.PipelineLayout
 
 
-def completed_blocks_before(sublayer: int, sublayers_per_block: int) -> int:
-    """Highest block id completed before ``sublayer`` (b0 = id 0), as in the plugin's layout."""
-    return 0 if sublayer <= 0 else (sublayer - 1) // sublayers_per_block
-
-
-def hop_widths(
-    ranges: Sequence[tuple[int, int]],
-    pipeline_size: int,
-    sublayers_per_block: int,
-    cached: bool,
-) -> list[int]:
-    """Tensors carried by the hop into each chunk ``1 .. C-1`` (blocks the receiver lacks + partial).
-
-    Mirrors ``PipelineLayout.sources_received``: the receiver needs blocks
-    ``0 .. completed_blocks_before(start)``; with the cache, a chunk whose rank ran an
-    earlier virtual stage (chunk ``c - P``) already holds the blocks completed before that
-    chunk's end.
-    """
-    widths = []
-    for chunk in range(1, len(ranges)):
-        needed = completed_blocks_before(ranges[chunk][0], sublayers_per_block) + 1
-        known = 0
-        if cached and chunk >= pipeline_size:
-            known = completed_blocks_before(ranges[chunk - pipeline_size][1], sublayers_per_block) + 1
-        widths.append(needed - min(needed, known) + 1)
-    return widths
-
-
-def b0_hops(pipeline_size: int, num_chunks: int, cached: bool) -> int:
+def b0_hops(plan: PipelineLayout, cached: bool) -> int:
     """How many hops carry b0: all of them without the cache, else those of virtual stage 0."""
-    return num_chunks - 1 if not cached else min(pipeline_size, num_chunks) - 1
+    return sum(0 in plan.blocks_received(chunk, cached) for chunk in plan.chunks[1:])
 
 
 def paper_counts(num_blocks: int, pipeline_size: int, virtual_size: int) -> dict[str, float]:
@@ -187,21 +152,25 @@ class Report:
 
 
 def explain_difference(
-    ranges: Sequence[tuple[int, int]],
-    layers_per_chunk: Sequence[int],
-    sublayers_per_block: int,
-    exact_without_b0: int,
-    paper_value: float,
-    label: str,
-    cached: bool = False,
+    plan: PipelineLayout, exact_without_b0: int, paper_value: float, label: str, cached: bool = False
 ) -> str:
     """One sentence on why our exact count and the paper's equation differ (or that they agree)."""
-    aligned = all(start % sublayers_per_block == 0 for start, _ in ranges[1:])
-    uneven = len(set(layers_per_chunk)) > 1
+    per_block = plan.sublayers_per_block
+    aligned = all(chunk.start % per_block == 0 for chunk in plan.chunks[1:])
+    uneven = len({chunk.end - chunk.start for chunk in plan.chunks}) > 1
     if math.isclose(exact_without_b0, paper_value):
         reason = "equal once b0 is left out" + (" (every boundary is a block boundary)" if aligned else "")
         return f"{label}: {reason}."
     reasons = []
+    kept_ends = cached and any(
+        chunk.end % per_block == 0 and plan.next_on_rank(chunk) is not None for chunk in plan.chunks
+    )
+    if kept_ends and exact_without_b0 < paper_value:
+        reasons.append(
+            "a rank keeps the block its previous chunk ended with (it produced it and sent it on as "
+            "the partial sum), so no later hop carries it back, while the paper's P*N_p incremental "
+            "blocks per later hop include it"
+        )
     if not aligned:
         reasons.append(
             "some boundaries fall inside a block: the partial sum is a whole [s, b, h] tensor "
@@ -237,7 +206,7 @@ def compute(
     if min(num_layers, sublayers_per_block, hidden, seq, micro_batch, bytes_per_element) < 1:
         raise ValueError("all sizes must be positive integers")
     tensor_bytes = seq * micro_batch * hidden * bytes_per_element
-    num_blocks = math.ceil(2 * num_layers / sublayers_per_block)
+    num_blocks = layout.num_blocks(num_layers, sublayers_per_block)
     rows: list[Row] = []
     paper: list[PaperComparison] = []
     skipped: list[str] = []
@@ -253,13 +222,14 @@ def compute(
                     "at least one layer (AttnRes needs >= 1 layer per chunk); skipped."
                 )
                 continue
-            layers = even_split(num_layers, chunks)
-            ranges = chunk_ranges(layers)
+            layers = layout.even_split(num_layers, chunks)
+            plan = PipelineLayout.from_layer_counts(pp, vpp, sublayers_per_block, layers)
+            full = PipelineLayout.from_layer_counts(pp, vpp, 1, layers)
             widths = {
                 "standard residual": [1] * (chunks - 1),
-                "Full AttnRes naive": hop_widths(ranges, pp, 1, cached=False),
-                "Block naive": hop_widths(ranges, pp, sublayers_per_block, cached=False),
-                "Block cached": hop_widths(ranges, pp, sublayers_per_block, cached=True),
+                "Full AttnRes naive": full.hop_sources(cached=False),
+                "Block naive": plan.hop_sources(cached=False),
+                "Block cached": plan.hop_sources(cached=True),
             }
             widths["Block padded uniform"] = [max(widths["Block cached"])] * (chunks - 1)
             standard_total = chunks - 1
@@ -283,24 +253,14 @@ def compute(
             counts = paper_counts(num_blocks, pp, vpp)
             naive_total = sum(widths["Block naive"])
             cached_total = sum(widths["Block cached"])
-            naive_wo_b0 = naive_total - b0_hops(pp, chunks, cached=False)
-            cached_wo_b0 = cached_total - b0_hops(pp, chunks, cached=True)
+            naive_wo_b0 = naive_total - b0_hops(plan, cached=False)
+            cached_wo_b0 = cached_total - b0_hops(plan, cached=True)
             notes = [
                 f"b0 (the embedding output) is not a block in the paper; it rides on "
-                f"{b0_hops(pp, chunks, cached=False)} hops without the cache and "
-                f"{b0_hops(pp, chunks, cached=True)} with it.",
-                explain_difference(
-                    ranges, layers, sublayers_per_block, naive_wo_b0, counts["eq7_naive"], "Eq. 7"
-                ),
-                explain_difference(
-                    ranges,
-                    layers,
-                    sublayers_per_block,
-                    cached_wo_b0,
-                    counts["eq8_cached"],
-                    "Eq. 8",
-                    cached=True,
-                ),
+                f"{b0_hops(plan, cached=False)} hops without the cache and "
+                f"{b0_hops(plan, cached=True)} with it.",
+                explain_difference(plan, naive_wo_b0, counts["eq7_naive"], "Eq. 7"),
+                explain_difference(plan, cached_wo_b0, counts["eq8_cached"], "Eq. 8", cached=True),
             ]
             if num_layers % chunks:
                 notes.append(
@@ -336,6 +296,9 @@ def compute(
         "Standard residual: one hidden state per hop. AttnRes: b0, the completed blocks and the "
         "current block's partial sum the receiver lacks; a partial sum at a block boundary is the "
         "just-completed block.",
+        "Block cached is the strict minimum, what the plugin sends: a rank knows a tensor of a "
+        "micro-batch once it has received or produced it, including the block its previous chunk "
+        "ended with (sent on as the partial sum), so no hop carries a block back to its rank.",
         "Block padded uniform: every hop padded to the widest cached hop (one fixed p2p shape).",
         "Paper N_p = N / C (blocks per chunk, the reading under which Eq. 7/8 add up to N blocks); "
         "with N_p = N / P the equations are V times larger (both are in the JSON).",
@@ -350,6 +313,7 @@ def compute(
         "pp": list(pp_sizes),
         "vpp": list(vpp_sizes),
         "split_rule": "even; remainder layers to the last chunks",
+        "cache_rule": "strict minimum: a rank knows every tensor it received or produced",
     }
     return Report(config, tensor_bytes, num_blocks, rows, paper, skipped, general)
 

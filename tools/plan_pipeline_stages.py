@@ -31,6 +31,7 @@ Example: ``python tools/plan_pipeline_stages.py --layers 27 --block-size 6 --pp 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -42,6 +43,23 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+def load_layout():
+    """The plugin's pure layout module, without importing the package (and Megatron)."""
+    name = "attnres_megatron.pipeline.layout"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "attnres_megatron/pipeline/layout.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+layout = load_layout()
+PipelineLayout = layout.PipelineLayout
+even_split = layout.even_split
+sources_at = layout.sources_at
 
 EXHAUSTIVE_LIMIT = 20_000
 DIGITS = 9
@@ -59,16 +77,6 @@ class CostModel:
     last_stage_extra: float = 0.5
 
 
-def sources_at(sublayer: int, sublayers_per_block: int) -> int:
-    """Sources sublayer ``j`` aggregates: completed blocks, b0, and the partial (if started)."""
-    return sublayer // sublayers_per_block + 1 + (1 if sublayer % sublayers_per_block else 0)
-
-
-def completed_blocks_before(sublayer: int, sublayers_per_block: int) -> int:
-    """Highest block id completed before ``sublayer`` (b0 = id 0), as in the plugin's layout."""
-    return 0 if sublayer <= 0 else (sublayer - 1) // sublayers_per_block
-
-
 def layer_costs(num_layers: int, sublayers_per_block: int, cost: CostModel) -> list[float]:
     """Predicted compute of each transformer layer (its two sublayers' aggregations included)."""
     return [
@@ -80,24 +88,11 @@ def layer_costs(num_layers: int, sublayers_per_block: int, cost: CostModel) -> l
 
 
 def received_tensors(chunk_layers: Sequence[int], pipeline_size: int, sublayers_per_block: int) -> list[int]:
-    """Tensors each chunk receives at its start (0 for chunk 0), with the cross-stage cache."""
-    starts = [0, *itertools.accumulate(chunk_layers)]
-    received = [0]
-    for chunk in range(1, len(chunk_layers)):
-        needed = completed_blocks_before(2 * starts[chunk], sublayers_per_block) + 1
-        known = 0
-        if chunk >= pipeline_size:
-            known = completed_blocks_before(2 * starts[chunk - pipeline_size + 1], sublayers_per_block) + 1
-        received.append(needed - min(needed, known) + 1)
-    return received
-
-
-def even_split(num_layers: int, num_chunks: int) -> list[int]:
-    """``num_layers // num_chunks`` per chunk, the remainder to the LAST chunks (one each)."""
-    if num_layers < num_chunks:
-        raise ValueError(f"{num_layers} layers cannot give each of {num_chunks} chunks a layer")
-    base, extra = divmod(num_layers, num_chunks)
-    return [base + (1 if chunk >= num_chunks - extra else 0) for chunk in range(num_chunks)]
+    """Tensors each chunk receives at its start (0 for chunk 0), with the cross-stage cache:
+    exactly what the plugin sends (the plugin's own layout)."""
+    virtual_size = len(chunk_layers) // pipeline_size
+    plan = PipelineLayout.from_layer_counts(pipeline_size, virtual_size, sublayers_per_block, chunk_layers)
+    return [0, *plan.hop_sources()]
 
 
 @dataclass(frozen=True)
@@ -387,7 +382,7 @@ def plan_stages(
         # ignores the cache (a DP seed, refined on the exact objective below).
         value = prefix[end] - prefix[start]
         if start > 0:
-            value += cost.transfer_cost * (completed_blocks_before(2 * start, sublayers_per_block) + 2)
+            value += cost.transfer_cost * (layout.completed_blocks_before(2 * start, sublayers_per_block) + 2)
         if chunk == 0:
             value += cost.first_stage_extra
         if chunk == num_chunks - 1:
@@ -465,7 +460,7 @@ def _stage_cell(plan: Plan, rank: int) -> str:
 def report(plan: Plan, baseline: Plan) -> str:
     """Human-readable comparison of the plan with the even split, plus the Megatron flags."""
     cost = plan.cost
-    num_blocks = math.ceil(2 * plan.num_layers / plan.sublayers_per_block)
+    num_blocks = layout.num_blocks(plan.num_layers, plan.sublayers_per_block)
     lines = [
         f"AttnRes-aware pipeline split: L={plan.num_layers} layers, S={plan.sublayers_per_block} "
         f"sublayers per block (N={num_blocks} blocks + b0), PP={plan.pipeline_size}, "

@@ -14,10 +14,8 @@ from torch import Tensor
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, seals_before
 from attnres_megatron.layers.two_phase_mixer import with_mixers
-from attnres_megatron.pipeline.cache import get_source_cache
-from attnres_megatron.pipeline.layout import PipelineLayout
-from attnres_megatron.pipeline.ledger import get_byte_ledger
-from attnres_megatron.pipeline.payload import pack_sources, unpack_sources
+from attnres_megatron.pipeline.megatron_split import layout_from_config
+from attnres_megatron.pipeline.stage_io import StageIO
 
 
 class AttnResTransformerBlock(TransformerBlock):
@@ -43,24 +41,22 @@ class AttnResTransformerBlock(TransformerBlock):
     def _build_attn_res(self) -> None:
         self.attn_res_final = None
         self.attn_res_layout = None
-        self.attn_res_payload = None
+        self.attn_res_io = None
         if not self.config.attn_res_enabled:
             return
         if self.post_process:
             self.attn_res_final = DepthAttention(self.config)
         if self.config.pipeline_model_parallel_size > 1:
-            self.attn_res_layout = PipelineLayout.from_config(self.config)
+            self.attn_res_layout = layout_from_config(self.config)
             pp_rank = get_pg_rank(self.pg_collection.pp)
-            self.attn_res_chunk = self.attn_res_layout.chunk(pp_rank, self.vp_stage or 0)
+            chunk = self.attn_res_layout.chunk(pp_rank, self.vp_stage or 0)
+            self.attn_res_io = StageIO(self.attn_res_layout, chunk)
 
     def set_input_tensor(self, input_tensor: Tensor) -> None:
-        """Keep the received stage payload; expose its partial sum as ``input_tensor`` (its
-        length drives rotary embeddings, which must see the sequence, not the payload)."""
-        if self.attn_res_layout is None or input_tensor is None:
+        """Hand the received stage payload to the stage I/O; ``input_tensor`` is its partial sum."""
+        if self.attn_res_io is None or input_tensor is None:
             return super().set_input_tensor(input_tensor)
-        self.attn_res_payload = input_tensor
-        count = self.attn_res_layout.sources_received(self.attn_res_chunk)
-        self.input_tensor = input_tensor[-(input_tensor.shape[0] // count) :]
+        self.input_tensor = self.attn_res_io.accept(input_tensor)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
         if not self.config.attn_res_enabled:
@@ -114,7 +110,7 @@ class AttnResTransformerBlock(TransformerBlock):
                 run = self._checkpointed_layers if checkpointed else self._run_layers
                 state = run(state, self.layers[start:end], layer_kwargs, per_layer_quantization)
             if not self.post_process:
-                return self._stage_payload(state)
+                return self.attn_res_io.send(self._micro_batch(), state.blocks, state.partial)
             hidden_states = self.attn_res_final(state.sources())
 
         if self.final_layernorm is not None:
@@ -182,46 +178,15 @@ class AttnResTransformerBlock(TransformerBlock):
         return getattr(self.layers[0], "current_microbatch", None) or 0
 
     def _initial_state(self, hidden_states: Optional[Tensor]) -> DepthState:
-        """b0 from the embedding, or the sources received from the previous stage plus the
-        blocks this rank cached in its earlier chunks of the same micro-batch."""
-        layout = self.attn_res_layout
-        if layout is None:
-            if not self.pre_process:
-                hidden_states = self.input_tensor
-            embedding = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        """b0 from the embedding, or what the stage I/O received for this chunk."""
+        embedding = None
+        if self.pre_process or self.attn_res_io is None:
+            source = hidden_states if self.pre_process else self.input_tensor
+            embedding = make_viewless_tensor(inp=source, requires_grad=True, keep_graph=True)
+        if self.attn_res_io is None:
             return DepthState.from_embedding(embedding)
-        chunk, micro_batch, cache = self.attn_res_chunk, self._micro_batch(), get_source_cache()
-        keep = layout.keeps_for_later(chunk)
-
-        def keep_block(block: int, source: Tensor) -> Tensor:
-            return cache.store(micro_batch, block, source) if keep else source
-
-        if self.pre_process:
-            embedding = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
-            return DepthState((keep_block(0, embedding),), on_seal=keep_block)
-        payload = self.attn_res_payload
-        if payload.requires_grad:
-            sender = chunk.index - 1
-            payload.register_hook(lambda grad: get_byte_ledger().record_backward(sender, micro_batch, grad))
-        received_ids = layout.blocks_received(chunk)
-        *received, partial = unpack_sources(payload, len(received_ids) + 1)
-        arrived = dict(zip(received_ids, received))
-        blocks = tuple(
-            keep_block(block, arrived[block]) if block in arrived else cache.load(micro_batch, block)
-            for block in layout.blocks_needed(chunk)
-        )
-        if chunk.vp_stage == layout.virtual_size - 1:
-            cache.release(micro_batch)
-        return DepthState(blocks, partial, on_seal=keep_block)
-
-    def _stage_payload(self, state: DepthState) -> Tensor:
-        """Pack exactly the sources the next chunk lacks (new blocks, then the partial sum)."""
-        layout, chunk = self.attn_res_layout, self.attn_res_chunk
-        receiver = layout.chunks[chunk.index + 1]
-        sources = [state.blocks[block] for block in layout.blocks_received(receiver)] + [state.partial]
-        payload = pack_sources(sources)
-        get_byte_ledger().record_forward(chunk.index, self._micro_batch(), payload, len(sources))
-        return payload
+        inputs = self.attn_res_io.receive(self._micro_batch(), embedding)
+        return DepthState(inputs.blocks, inputs.partial, on_seal=inputs.on_seal)
 
     def _quantization_contexts(self):
         """FP8/FP4 contexts as Megatron places them: around the loop (delayed) or per layer."""

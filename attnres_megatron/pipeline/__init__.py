@@ -1,1 +1,2 @@
-"""Pipeline parallelism for AttnRes: stage layouts, payloads, cross-stage cache, byte ledger."""
+"""Pipeline parallelism for AttnRes: the pure stage layout, the stage I/O object (receive,
+unpack, cache, ledger, send), payloads, the cross-stage cache, the byte ledger, schedules."""

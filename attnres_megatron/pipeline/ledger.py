@@ -1,4 +1,9 @@
-"""Bytes that cross pipeline boundaries, measured on the tensors the schedule sends."""
+"""Bytes that cross pipeline boundaries, measured on the tensors the schedule sends.
+
+Off until someone asks for it: :meth:`PipelineByteLedger.enable` (or :meth:`reset`, which
+starts a fresh recording) turns it on. Disabled, the stage I/O does no bookkeeping at all
+(no records, no gradient hooks), so a run that never reads the ledger pays nothing.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,13 @@ class PipelineByteLedger:
     """Forward payloads and backward gradients, by sender chunk index and micro-batch."""
 
     def __init__(self) -> None:
+        self.enabled = False
         self.boundaries: dict[int, BoundaryTraffic] = defaultdict(BoundaryTraffic)
+
+    def enable(self, enabled: bool = True) -> PipelineByteLedger:
+        """Record from now on (``enabled=False`` stops recording and keeps the records)."""
+        self.enabled = enabled
+        return self
 
     def record_forward(self, chunk: int, micro_batch: int, payload: Tensor, sources: int) -> None:
         traffic = self.boundaries[chunk]
@@ -45,8 +56,10 @@ class PipelineByteLedger:
             for chunk, t in sorted(self.boundaries.items())
         }
 
-    def reset(self) -> None:
+    def reset(self) -> PipelineByteLedger:
+        """Forget the records and start a fresh recording."""
         self.boundaries.clear()
+        return self.enable()
 
 
 _LEDGER = PipelineByteLedger()

@@ -4,9 +4,11 @@ and the checks a resume makes before any work.
 
 Layout (Megatron-LM's): ``SAVE/iter_0000100/`` holds the sharded checkpoint and
 ``SAVE/latest_checkpointed_iteration.txt`` names the newest one (see ``checkpoint_files.py`` for
-how a save gets there atomically). Every pickle read from a checkpoint goes through the
-allowlist of ``safe_unpickle.py``; every file is checked against the manifest
-(``checkpoint_manifest.py``) before it is read.
+how a save gets there atomically). Content (Megatron-LM's too, ``checkpoint_format.py``): a
+checkpoint saved here resumes in Megatron-LM's training loop, and one saved by Megatron-LM's
+loop resumes here. Every pickle read from a checkpoint goes through the allowlist of
+``safe_unpickle.py``; every file is checked against the manifest (``checkpoint_manifest.py``)
+before it is read (Megatron-LM's checkpoints have none: they load with a note).
 """
 
 from __future__ import annotations
@@ -14,18 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.tensor_parallel.random import (
+    convert_cuda_rng_state,
+    get_cuda_rng_tracker,
+    is_graph_safe_cuda_rng_tracker,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 
-from attnres_megatron.training import resume, safe_unpickle
+from attnres_megatron.training import checkpoint_format, resume, safe_unpickle
 from attnres_megatron.training.checkpoint_files import (
     MEGATRON_METADATA,
     TRACKER_FILE,
@@ -39,6 +47,7 @@ from attnres_megatron.training.checkpoint_files import (
     run_id_of,
     staging_dir,
 )
+from attnres_megatron.training.checkpoint_format import FormatError
 from attnres_megatron.training.checkpoint_manifest import (
     ManifestError,
     checkpoint_files,
@@ -87,8 +96,9 @@ def _model_keys(count: int) -> list[str]:
     return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
 
 
-def _rng_state() -> ShardedObject:
-    """This rank's RNG states, one object per (pipeline, tensor) rank, as Megatron-LM does."""
+def _legacy_rng_state() -> ShardedObject:
+    """This rank's RNG states as attnres-pretrain saved them before the interchange (a dict,
+    one object per (pipeline, tensor) rank): the request that loads such checkpoints."""
     state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     pp, tp = (
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -107,6 +117,75 @@ def _rng_state() -> ShardedObject:
     )
 
 
+def _uses_cuda_generator() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _rng_state() -> ShardedObject:
+    """This rank's RNG states in Megatron-LM's format and sharding (``get_rng_state``): Python's,
+    numpy's, torch's, the CUDA generator's (torch's on the CPU, as Megatron-LM's CPU route saves
+    it) and the model-parallel tracker's."""
+    states = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if _uses_cuda_generator() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    ps = parallel_state
+    shape, offset, replica = checkpoint_format.megatron_rng_sharding(
+        (ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()),
+        (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        (
+            ps.get_data_parallel_rank(with_context_parallel=True),
+            ps.get_data_parallel_world_size(with_context_parallel=True),
+        ),
+        ps.get_expert_model_parallel_world_size(),
+    )
+    return ShardedObject(
+        "rng_state", checkpoint_format.rng_to_megatron(states), shape, offset, replica_id=replica
+    )
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    """Set the RNG states :func:`checkpoint_format.rng_from_checkpoint` read."""
+    if states.get("random") is not None:
+        random.setstate(states["random"])
+    if states.get("numpy") is not None:
+        np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if (
+        _uses_cuda_generator()
+        and isinstance(cuda, torch.Tensor)
+        and cuda.numel() == torch.cuda.get_rng_state().numel()
+    ):
+        torch.cuda.set_rng_state(cuda)
+    tracker = get_cuda_rng_tracker()
+    graphable = is_graph_safe_cuda_rng_tracker(tracker)
+    tracker.set_states(
+        {
+            name: convert_cuda_rng_state(value, to_graphable=graphable)
+            for name, value in states["tracker"].items()
+        }
+    )
+
+
+def _sharding_metadata(content: Optional[dict]) -> Optional[dict]:
+    """Megatron-LM's sharded-state-dict metadata with this run's data-parallel group (None for a
+    checkpoint saved without it: attnres-pretrain before the interchange). Without process
+    groups (a checkpoint read by a tool) Megatron-Core's modules add the group themselves."""
+    if content is None:
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return dict(content)
+    return {**content, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _saved_args(common: dict) -> dict[str, Any]:
+    return checkpoint_format.saved_arguments(common.get("args"))
+
+
 def _reason(error: BaseException) -> str:
     """The line of a (possibly wrapped, per-rank) error that says what went wrong."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -117,25 +196,64 @@ def _reason(error: BaseException) -> str:
 # ---------------------------------------------------------------------------- save
 
 
+def _megatron_args(setup, iteration: int, data_state: Any, args: Any) -> argparse.Namespace:
+    """The ``args`` Namespace Megatron-LM's load reads (see ``checkpoint_format.megatron_args``)."""
+    values = vars(args) if args is not None else {}
+    batch = values.get("global_batch_size") or 0
+    consumed = checkpoint_format.consumed_train_samples({"data_state": data_state}, values, iteration)
+    valid = checkpoint_format.consumed_valid_samples(
+        iteration, values.get("eval_interval"), values.get("eval_iters") or 0, batch
+    )
+    shape = {
+        key: getattr(setup.config, key, None)
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "kv_channels",
+            "num_query_groups",
+        )
+    }
+    return checkpoint_format.megatron_args(
+        values,
+        shape,
+        consumed,
+        valid,
+        torch.distributed.get_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+
+
 def save_checkpoint(
     setup, iteration: int, root: str, data_state: Any = None, args: Any = None, run_id: Optional[str] = None
 ) -> str:
-    """Save model chunks, optimizer, scheduler, RNG and data position at ``iteration``: into a
-    temporary directory, then a manifest, then renamed into place and named by the tracker."""
+    """Save model chunks, optimizer, scheduler, RNG and data position at ``iteration`` in
+    Megatron-LM's format (its ``load_checkpoint`` resumes it): into a temporary directory, then a
+    manifest, then renamed into place and named by the tracker."""
+    config = getattr(setup.optimizer, "config", None)
+    distributed = bool(
+        getattr(config, "use_distributed_optimizer", getattr(args, "use_distributed_optimizer", False))
+    )
+    content = checkpoint_format.sharding_metadata(distributed)
+    metadata = _sharding_metadata(content)
     chunks = setup.unwrapped()
     state: dict[str, Any] = {
-        key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(len(chunks)), chunks)
+        key: chunk.sharded_state_dict(metadata=metadata)
+        for key, chunk in zip(_model_keys(len(chunks)), chunks)
     }
-    state["optimizer"] = setup.optimizer.sharded_state_dict(state)
-    state["scheduler"] = setup.scheduler.state_dict()
+    state["optimizer"] = setup.optimizer.sharded_state_dict(state, metadata=metadata)
+    batch = getattr(args, "global_batch_size", None)
+    state["opt_param_scheduler"] = checkpoint_format.scheduler_to_megatron(
+        setup.scheduler.state_dict(),
+        batch if isinstance(batch, int) and batch > 0 else 1,  # without arguments: the caller's units
+        resume.megatron_schedule(args) if args is not None else None,
+    )
+    state["checkpoint_version"] = checkpoint_format.CHECKPOINT_VERSION
     state["iteration"] = iteration
     state["data_state"] = data_state
     state["rng_state"] = _rng_state()
-    state["args"] = (
-        {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-        if args is not None
-        else {}
-    )
+    state["args"] = _megatron_args(setup, iteration, data_state, args)
     if args is not None:
         state["model_signature"] = resume.model_signature(setup.config, args)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -146,7 +264,9 @@ def save_checkpoint(
     staging = staging_dir(root, iteration)
     fault_point("staging")
     try:
-        dist_checkpointing.save(state, staging)
+        dist_checkpointing.save(
+            state, staging, content_metadata=checkpoint_format.serializable_metadata(content)
+        )
     except READ_ERRORS:
         if rank == 0:  # a failed save (e.g. a full disk) leaves no partial directory behind
             shutil.rmtree(staging, ignore_errors=True)
@@ -209,7 +329,10 @@ def verify_checkpoint(path: str, root: str) -> Optional[str]:
     except ManifestError as error:
         raise CheckpointError(f"--load {root}: {path} is incomplete or corrupted: {error}") from None
     if manifest is None:
-        return f"> note: {path} has no checksum manifest (saved by an older attnres-pretrain): not verified"
+        return (
+            f"> note: {path} has no checksum manifest (saved by Megatron-LM or an older "
+            "attnres-pretrain): not verified"
+        )
     names = sorted(manifest["files"])
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (
@@ -237,7 +360,16 @@ def read_common(path: str, root: str) -> dict[str, Any]:
         raise CheckpointError(f"--load {root}: cannot read {path}: {_reason(error)}") from None
     if not isinstance(common, dict):
         raise CheckpointError(f"--load {root}: {path} holds no attnres-pretrain checkpoint state.")
+    if not isinstance(common.get("args"), (dict, type(None))):  # a Namespace (weights-only loader)
+        common["args"] = safe_unpickle.SavedArgs(checkpoint_format.saved_arguments(common["args"]))
     return common
+
+
+def _refuse_unmappable(root: str, path: str, common: dict, resume_state: bool) -> None:
+    """A clear error naming each field of the checkpoint that attnres-pretrain cannot map."""
+    problems = checkpoint_format.refusals(common, _saved_args(common), resume_state)
+    if problems:
+        raise CheckpointError(checkpoint_format.refusal_message(root, path, common, problems))
 
 
 # ---------------------------------------------------------------------------- start-up checks
@@ -250,7 +382,7 @@ def checkpoint_preflight(args: argparse.Namespace, config: Any) -> Preflight:
     if args.load:
         iteration, path = latest_checkpoint(args.load)
         common = read_common(path, args.load)
-        saved_args = common.get("args") if isinstance(common.get("args"), dict) else {}
+        saved_args = _saved_args(common)
         saved = common.get("model_signature") or resume.legacy_signature(saved_args)
         new = resume.model_signature(config, args)
         changes = resume.model_changes(saved, new)
@@ -268,11 +400,12 @@ def checkpoint_preflight(args: argparse.Namespace, config: Any) -> Preflight:
                     "training is already done (raise --train-iters to train further)."
                 )
                 return result
+            _refuse_unmappable(args.load, path, common, not args.no_load_optim)
             if not args.no_load_optim:
                 result.lines += _resume_state_checks(args, common, saved_args)
             saved_batch = saved_args.get("global_batch_size")
             if isinstance(saved_batch, int) and saved_batch != args.global_batch_size:
-                consumed = resume.consumed_samples(common.get("data_state"), iteration, saved_batch)
+                consumed = checkpoint_format.consumed_train_samples(common, saved_args, iteration)
                 result.lines.append(
                     f"> --global-batch-size {args.global_batch_size} (checkpoint: {saved_batch}): "
                     f"training continues after the {consumed} samples the checkpoint consumed."
@@ -291,7 +424,8 @@ def _resume_state_checks(args: argparse.Namespace, common: dict, saved_args: dic
             "its optimizer and RNG states need the saving layout. Pass --no-load-optim to load the "
             "weights only (fresh optimizer and schedule), or run with the saving layout."
         )
-    changes = resume.schedule_changes(common.get("scheduler") or {}, resume.expected_schedule(args))
+    saved = checkpoint_format.saved_scheduler(common, saved_args)
+    changes = resume.schedule_changes(saved, resume.expected_schedule(args))
     if not changes:
         return []
     listed = "; ".join(changes)
@@ -366,9 +500,15 @@ def load_checkpoint(
         )
     note = verify_checkpoint(path, root) if verify else None
     notes += [note] if note else []
+    common = read_common(path, root)
+    megatron_format = checkpoint_format.is_megatron_format(common)
+    # The sharding metadata the checkpoint was saved with, as Megatron-LM's load uses it.
+    metadata = _sharding_metadata(dist_checkpointing.load_content_metadata(preloaded_state_dict=common))
     chunks = setup.unwrapped()
     keys = _model_keys(len(chunks))
-    request: dict[str, Any] = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks)}
+    request: dict[str, Any] = {
+        key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(keys, chunks)
+    }
     try:
         available = set(dist_checkpointing.load_tensors_metadata(path))
     except READ_ERRORS as error:  # any reader failure means a broken checkpoint
@@ -401,9 +541,10 @@ def load_checkpoint(
             for name, sharded in request[key].items()
             if not (hasattr(sharded, "key") and sharded.key in missing) and not name.endswith("_extra_state")
         }
+    _refuse_unmappable(root, path, common, load_optimizer and not warm_start)
     if not warm_start and load_optimizer:  # optimizer and per-rank RNG need the saving layout
-        request["optimizer"] = setup.optimizer.sharded_state_dict(request, is_loading=True)
-        request["rng_state"] = _rng_state()
+        request["optimizer"] = setup.optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
+        request["rng_state"] = _rng_state() if megatron_format else _legacy_rng_state()
     try:
         loaded = dist_checkpointing.load(request, path)
     except READ_ERRORS as error:
@@ -422,19 +563,30 @@ def load_checkpoint(
             raise CheckpointError(f"--load {root}: parameters not restored: {unexpected[:3]}")
     if warm_start:
         return LoadedCheckpoint(0, None, True, missing_names, notes=notes)
+    saved_args = _saved_args(common)
     if load_optimizer:
+        schedule = checkpoint_format.saved_scheduler(common, saved_args)
+        if not schedule:
+            raise CheckpointError(
+                f"--load {root}: {path} holds no scheduler state (opt_param_scheduler); pass "
+                "--no-load-optim to load the weights only."
+            )
+        try:
+            rng = checkpoint_format.rng_from_checkpoint(loaded["rng_state"])
+        except FormatError as error:
+            raise CheckpointError(
+                checkpoint_format.refusal_message(root, path, common, [str(error)])
+            ) from None
         setup.optimizer.load_state_dict(loaded["optimizer"])
         _apply_schedule_flags(setup.scheduler, args)
-        setup.scheduler.load_state_dict(loaded["scheduler"])
-        rng = loaded["rng_state"]
-        torch.set_rng_state(rng["torch"])
-        get_cuda_rng_tracker().set_states(rng["tracker"])
-    saved_args = loaded.get("args") if isinstance(loaded.get("args"), dict) else {}
+        if args is not None:  # a step count converted from samples: this run's exact value
+            schedule = checkpoint_format.settle(schedule, resume.expected_schedule(args))
+        setup.scheduler.load_state_dict(schedule)
+        _restore_rng(rng)
+    iteration = int(loaded["iteration"])
     data_state = loaded.get("data_state")
-    consumed = resume.consumed_samples(
-        data_state, int(loaded["iteration"]), saved_args.get("global_batch_size")
-    )
-    return LoadedCheckpoint(int(loaded["iteration"]), data_state, False, [], consumed, run_id_of(path), notes)
+    consumed = checkpoint_format.consumed_train_samples(common, saved_args, iteration)
+    return LoadedCheckpoint(iteration, data_state, False, [], consumed, run_id_of(path), notes)
 
 
 def describe_load(result: LoadedCheckpoint, root: Optional[str]) -> str:

@@ -231,6 +231,7 @@ class TrainingLoop:
         self.run_id = run_id or new_run_id()
         self.data = training_batches(args, device, start_iteration, self.consumed_at_start)
         self.forward_backward = get_forward_backward_func()
+        get_byte_ledger().reset()  # record what pipeline_traffic() reports at the end
         self.logs_here = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.board, self.recorder = self._diagnostics()

@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 from attnres_megatron.config import resolve_sublayers_per_block
 from attnres_megatron.models.families import model_family, model_shape_from_flags
-from attnres_megatron.training.arguments import scheduler_settings
+from attnres_megatron.training.arguments import lr_decay_iters, scheduler_settings
+from attnres_megatron.training.checkpoint_format import consumed_train_samples, settle
 
 # Model signature key -> the flag(s) that set it. A checkpoint loads only into the same model.
 MODEL_FIELDS: dict[str, str] = {
@@ -176,20 +177,39 @@ def expected_schedule(args: argparse.Namespace) -> dict[str, Any]:
     return {field: settings[field] for field in SCHEDULE_STATE_FIELDS}
 
 
+def megatron_schedule(args: argparse.Namespace) -> dict[str, Any]:
+    """The scheduler's step counts as Megatron-LM's loop computes them from the same flags: in
+    samples (``--global-batch-size`` per iteration), the warmup as ``--lr-warmup-fraction`` of the
+    decay samples (``megatron.training.training.get_optimizer_param_scheduler``)."""
+    batch = args.global_batch_size
+    decay = lr_decay_iters(args) * batch
+    fraction = args.lr_warmup_fraction
+    warmup = fraction * decay if fraction is not None else args.lr_warmup_iters * batch
+    return {"lr_warmup_steps": warmup, "lr_decay_steps": decay, "wd_incr_steps": args.train_iters * batch}
+
+
 def schedule_changes(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """``FLAG: checkpoint X, this run Y`` for each scheduler setting that differs (one per flag)."""
+    """``FLAG: checkpoint X, this run Y`` for each scheduler setting that differs (one per flag;
+    a step count that differs only by rounding -- Megatron-LM's samples converted to iterations
+    -- is the same)."""
     changes: dict[str, str] = {}
+    settled = settle(saved, expected)
     for key, flag in SCHEDULE_FIELDS.items():
-        if key in saved and saved[key] != expected[key] and flag not in changes:
-            changes[flag] = f"{flag}: checkpoint {saved[key]}, this run {expected[key]}"
+        if key in settled and settled[key] != expected[key] and flag not in changes:
+            changes[flag] = f"{flag}: checkpoint {settled[key]}, this run {expected[key]}"
     return list(changes.values())
 
 
-def consumed_samples(data_state: Any, iteration: int, saved_batch: Optional[int]) -> int:
-    """Samples the checkpoint's run consumed (its saved count, else iteration x its batch)."""
-    if isinstance(data_state, dict) and isinstance(data_state.get("consumed_samples"), int):
-        return data_state["consumed_samples"]
-    return iteration * (saved_batch or 0)
+def consumed_samples(
+    data_state: Any, iteration: int, saved_batch: Optional[int], counted: Optional[int] = None
+) -> int:
+    """Samples the checkpoint's run consumed: its saved count (attnres-pretrain's ``data_state``,
+    else Megatron-LM's ``args.consumed_train_samples``, ``counted``), else iteration x its batch."""
+    return consumed_train_samples(
+        {"data_state": data_state},
+        {"global_batch_size": saved_batch, "consumed_train_samples": counted},
+        iteration,
+    )
 
 
 def save_conflicts(

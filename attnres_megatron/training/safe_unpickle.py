@@ -5,8 +5,9 @@ loader call it. Every pickle read from a checkpoint -- torch.distributed.checkpo
 ``.metadata``, Megatron-Core's ``common.pt``, the byte items (RNG states) inside the
 ``.distcp`` files, a plain ``model_state.pt`` export -- goes through :class:`RestrictedUnpickler`,
 which resolves only the globals in :data:`ALLOWED` (found by loading the checkpoints
-``attnres-pretrain`` writes) and refuses anything else with :class:`RefusedPickleError` naming
-the file and the global. :func:`install` puts it where torch and Megatron-Core read those files.
+``attnres-pretrain`` and Megatron-LM write) and refuses anything else with
+:class:`RefusedPickleError` naming the file and the global. :func:`install` puts it where torch
+and Megatron-Core read those files.
 """
 
 from __future__ import annotations
@@ -54,8 +55,48 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset(
         ("torch.distributed.checkpoint.planner", "TensorWriteData"),
         ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
         ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
+        # Megatron-LM's checkpoint content (attnres-pretrain writes it too): the run's arguments
+        # (an argparse.Namespace, read as SavedArgs below) and the enums and numpy arrays among
+        # them and in its RNG states -- the classes Megatron-Core itself registers as safe for
+        # torch's weights-only loader (megatron/core/safe_globals.py). Enum members are looked
+        # up by value; numpy's _reconstruct only allocates an array that the pickle then fills.
+        ("argparse", "Namespace"),
+        ("types", "SimpleNamespace"),
+        ("signal", "Signals"),
+        ("megatron.core.enums", "ModelType"),
+        ("megatron.core.transformer.enums", "AttnBackend"),
+        ("megatron.core.transformer.enums", "CudaGraphScope"),
+        ("megatron.core.rerun_state_machine", "RerunMode"),
+        ("megatron.core.rerun_state_machine", "RerunState"),
+        ("megatron.core.rerun_state_machine", "RerunDiagnostic"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.dtypes", "UInt32DType"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
     }
 )
+
+
+class SavedArgs(dict):
+    """A checkpoint's ``argparse.Namespace`` of run arguments, as the restricted unpickler reads
+    it: a dict of its attributes (what attnres-pretrain's readers take) that also answers
+    attribute access (what Megatron-LM's code uses). Unpickling only stores the saved values."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise RefusedPickleError(f"argparse.Namespace with a {type(state).__name__} state")
+        self.update(state)
+
+
+# Globals read as another (data-only) class.
+_READ_AS: dict[tuple[str, str], type] = {("argparse", "Namespace"): SavedArgs}
 
 
 class RefusedPickleError(pickle.UnpicklingError):
@@ -65,13 +106,15 @@ class RefusedPickleError(pickle.UnpicklingError):
 def _refusal(source: str, module: str, name: str) -> str:
     return (
         f"{source}: refused to unpickle {module}.{name}: a checkpoint written by attnres-pretrain "
-        "never holds it, and loading it could run code. The file was written by something else or "
-        "altered; do not load it (re-save the checkpoint, or load another one)."
+        "or Megatron-LM never holds it, and loading it could run code. The file was written by "
+        "something else or altered; do not load it (re-save the checkpoint, or load another one)."
     )
 
 
 def _admitted(module: str, name: str) -> Any:
     """The object ``module.name`` when the allowlist admits it, else None."""
+    if (module, name) in _READ_AS:
+        return _READ_AS[module, name]
     if (module, name) in ALLOWED:
         return getattr(__import__(module, fromlist=[name]), name)
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
