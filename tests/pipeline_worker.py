@@ -66,6 +66,11 @@ SCENARIOS = {
         extra=dict(recompute_granularity="selective", recompute_modules=["attn_res"]),
     ),
     "pp2_vpp2_dropped_deposit": dict(pp=2, vpp=2, layers=4, block=2, micro_batches=4, drop_deposit=True),
+    # attnres-pretrain's own main() on the ranks of this launch (after the scenarios above: it ends
+    # the process group), with an uneven interleaved layout from its flag
+    "pretrain_pp2_layout_vpp2": dict(
+        pp=2, vpp=2, layers=5, block=3, split=[1, 2, 1, 1], layout="Et|t*2|t|tL", pretrain=True
+    ),
 }
 
 
@@ -300,6 +305,33 @@ def run_scenario(name: str, spec: dict, out_dir: Path) -> None:
     (out_dir / f"{name}.rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result, indent=1))
 
 
+def pretrain_argv(spec: dict, summary: Path) -> list[str]:
+    """attnres-pretrain flags of a ``pretrain`` scenario: a tiny GPT, the layout from its flag."""
+    from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
+
+    hidden = 64
+    return [
+        *PRE_MEGATRON_DEFAULTS,
+        *old_ffn(hidden),
+        *("--device", "cpu", "--num-layers", str(spec["layers"]), "--hidden-size", str(hidden)),
+        *("--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2"),
+        *("--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "2", "--train-iters", "8"),
+        *("--log-interval", "4", "--corpus-bytes", "300000", "--attention-residuals", "block"),
+        *("--attn-res-block-size", str(spec["block"]), "--pipeline-model-parallel-size", str(spec["pp"])),
+        *("--pipeline-model-parallel-layout", spec["layout"], "--summary-json", str(summary)),
+    ]
+
+
+def run_pretrain(name: str, spec: dict, out_dir: Path) -> None:
+    """attnres-pretrain's main() on this launch's ranks; it shuts the process group down."""
+    from megatron.core import parallel_state
+
+    from attnres_megatron.training import pretrain
+
+    parallel_state.destroy_model_parallel()
+    pretrain.main(pretrain_argv(spec, out_dir / f"{name}.summary.json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -310,10 +342,16 @@ def main() -> None:
     enable_cpu_backend()
     torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
-    for name in args.scenarios:
-        if SCENARIOS[name]["pp"] == world:
+    mine = [name for name in args.scenarios if SCENARIOS[name]["pp"] == world]
+    for name in mine:
+        if not SCENARIOS[name].get("pretrain"):
             run_scenario(name, SCENARIOS[name], Path(args.out))
-    torch.distributed.destroy_process_group()
+    runs = [name for name in mine if SCENARIOS[name].get("pretrain")]
+    assert len(runs) <= 1, f"one attnres-pretrain run per launch (it ends the process group): {runs}"
+    for name in runs:
+        run_pretrain(name, SCENARIOS[name], Path(args.out))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import forked_cli
 import pytest
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 from test_distributed_cli import clean_env, pretrain, torchrun
@@ -146,9 +146,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         "--save",
         str(ck),
     ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
-    )
+    process = forked_cli.Popen(command, stdout=forked_cli.PIPE, stderr=forked_cli.PIPE, env=clean_env())
     for line in process.stdout:
         if " iteration " in line:
             break

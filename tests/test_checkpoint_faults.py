@@ -4,17 +4,16 @@ checks what it resumes, and a finished job run again exits 0."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
+import forked_cli
 import pytest
 import torch
 from test_diagnostics import plot_tool_module
@@ -244,23 +243,11 @@ def test_a_save_killed_at_any_stage_leaves_a_loadable_checkpoint(
 
 def killed_pretrain(tmp_path: Path, stage: str, *argv: str) -> tuple[int, str]:
     """attnres-pretrain killed at save stage ``stage``: its exit status and output. It runs in a
-    session of its own, ended afterwards: Megatron's writer leaves a multiprocessing manager
-    behind when its parent is killed."""
-    log = tmp_path / "killed.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "attnres_megatron.training.pretrain", *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=clean_env(**{KILL_AT_ENV: stage}),
-            start_new_session=True,
-        )
-        try:
-            status = process.wait(timeout=600)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-    return status, log.read_text()
+    session of its own, ended afterwards (forked_cli.run does both): Megatron's writer leaves a
+    multiprocessing manager behind when its parent is killed."""
+    command = [sys.executable, "-m", "attnres_megatron.training.pretrain", *argv]
+    done = forked_cli.run(command, env=clean_env(**{KILL_AT_ENV: stage}), timeout=600)
+    return done.returncode, done.stdout + done.stderr
 
 
 def test_a_real_overwrite_killed_midway_keeps_the_previous_checkpoint(saved, tmp_path, single_rank):

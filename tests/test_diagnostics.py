@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import forked_cli
 import numpy as np
 import pytest
 import torch
@@ -232,7 +232,7 @@ def test_plot_tool_random_init_demo(tmp_path):
     from PIL import Image
 
     output = tmp_path / "depth_attention.png"
-    result = subprocess.run(
+    result = forked_cli.run(
         [
             sys.executable,
             str(REPO_ROOT / "tools" / "plot_depth_attention.py"),
@@ -248,8 +248,6 @@ def test_plot_tool_random_init_demo(tmp_path):
             "--save-export",
             str(tmp_path / "export"),
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
         cwd=tmp_path,
     )
@@ -261,7 +259,7 @@ def test_plot_tool_random_init_demo(tmp_path):
     assert (tmp_path / "export" / "args.json").is_file()
 
     # The plain export loads back into the same model: identical weights, identical picture.
-    reloaded = subprocess.run(
+    reloaded = forked_cli.run(
         [
             sys.executable,
             str(REPO_ROOT / "tools" / "plot_depth_attention.py"),
@@ -270,8 +268,6 @@ def test_plot_tool_random_init_demo(tmp_path):
             "--output",
             str(tmp_path / "reloaded.png"),
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
         cwd=tmp_path,
     )
@@ -351,20 +347,16 @@ def test_plot_tool_reads_a_distributed_checkpoint(tmp_path, reseed):
     from attnres_megatron.training.model_setup import config_from_args
 
     ck = tmp_path / "ck"
-    trained = subprocess.run(
+    trained = forked_cli.run(
         [sys.executable, "-m", "attnres_megatron.training.pretrain", *TRAINED, "--save", str(ck)],
-        capture_output=True,
-        text=True,
         timeout=300,
         cwd=REPO_ROOT,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     output, snapshot_path = tmp_path / "depth.png", tmp_path / "snapshot.json"
     tool = [sys.executable, str(REPO_ROOT / "tools" / "plot_depth_attention.py")]
-    result = subprocess.run(
+    result = forked_cli.run(
         [*tool, "--load", str(ck), "--output", str(output), "--snapshot-json", str(snapshot_path)],
-        capture_output=True,
-        text=True,
         timeout=300,
         cwd=tmp_path,
     )

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import forked_cli
 import pytest
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 from conftest import free_port
@@ -66,9 +67,13 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def pretrain(launcher: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def pretrain(
+    launcher: list[str], *args: str, env: dict | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """``attnres-pretrain`` with ``launcher``: forked from the preloaded server (forked_cli.py)
+    unless ``fresh``, which starts real interpreters."""
     command = [*launcher, "-m", "attnres_megatron.training.pretrain", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env or clean_env())
+    return forked_cli.run(command, env=env or clean_env(), timeout=600, fresh=fresh)
 
 
 def torchrun(nproc: int) -> list[str]:
@@ -81,9 +86,9 @@ def torchrun(nproc: int) -> list[str]:
     ]
 
 
-def losses(tmp_path, name: str, launcher: list[str], *args: str) -> list[float]:
+def losses(tmp_path, name: str, launcher: list[str], *args: str, fresh: bool = False) -> list[float]:
     summary = tmp_path / f"{name}.json"
-    result = pretrain(launcher, *TINY, *args, "--summary-json", str(summary))
+    result = pretrain(launcher, *TINY, *args, "--summary-json", str(summary), fresh=fresh)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(summary.read_text())["losses"]
 
@@ -101,7 +106,9 @@ def single_process_losses(tmp_path_factory) -> list[float]:
     ],
 )
 def test_torchrun_layouts_reproduce_single_process_losses(tmp_path, single_process_losses, name, args):
-    parallel = losses(tmp_path, name, torchrun(2), *args)
+    """TP2+SP with the real torchrun command, starting an interpreter per rank; the other
+    torchrun runs here fork their ranks from the preloaded server (forked_cli.py)."""
+    parallel = losses(tmp_path, name, torchrun(2), *args, fresh=name == "tp2_sp")
     assert parallel == pytest.approx(single_process_losses, rel=2e-4)
 
 
@@ -204,9 +211,8 @@ def test_kimi_linear_tiny_trains_in_parallel(tmp_path, args):
 def test_mpirun_four_processes_runs_tiny_pretraining(tmp_path, single_process_losses):
     pytest.importorskip("mpi4py", reason="mpi4py not installed (scripts/install_mpi.sh)")
     launcher = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4", sys.executable]
-    parallel = losses(
-        tmp_path, "mpirun", launcher, "--tensor-model-parallel-size", "2", "--sequence-parallel"
-    )
+    tp2_sp = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    parallel = losses(tmp_path, "mpirun", launcher, *tp2_sp, fresh=True)
     assert parallel == pytest.approx(single_process_losses, rel=2e-4)
 
 
@@ -251,7 +257,7 @@ def test_bad_input_fails_before_any_work(pretrain_refusal, args, env, message):
 def test_the_cli_refuses_bad_input_before_any_work():
     """End to end, once: the real command exits non-zero with the message and trains nothing."""
     args, env, message = BAD_INPUT[0]
-    result = pretrain([sys.executable], *TINY, *args, env=clean_env(**env))
+    result = pretrain([sys.executable], *TINY, *args, env=clean_env(**env), fresh=True)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "iteration" not in result.stdout

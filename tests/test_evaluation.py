@@ -18,6 +18,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
+import forked_cli
 import pytest
 import torch
 from attnres_defaults import PRE_MEGATRON_MODEL
@@ -78,9 +79,10 @@ LOG_FIELDS = [
 
 
 def pretrain(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
-    """``attnres-pretrain`` with ``args``; fails the test when it fails."""
+    """``attnres-pretrain`` with ``args`` (forked from the preloaded server, forked_cli.py); fails
+    the test when it fails."""
     command = [*launcher, "-m", "attnres_megatron.training.pretrain", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    result = forked_cli.run(command, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

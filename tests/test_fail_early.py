@@ -14,6 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import forked_cli
 import numpy as np
 import pytest
 from test_data import load_tool
@@ -319,7 +320,7 @@ def test_a_full_disk_on_the_first_save_exits_non_zero_with_the_reason(small_tmpf
     save = small_tmpfs / "ck"
     command = [sys.executable, "-m", "attnres_megatron.training.pretrain", *TINY, "--train-iters", "2"]
     command += ["--save", str(save), "--save-interval", "1", "--mock-data", "--eval-iters", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=clean_env())
+    result = forked_cli.run(command, timeout=300, env=clean_env())  # forked from the preloaded server
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert (

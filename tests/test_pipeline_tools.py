@@ -9,6 +9,7 @@ import ast
 import importlib.util
 import itertools
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -274,24 +275,28 @@ def test_plan_never_worse_than_even_split():
             assert plan.bottleneck <= even.bottleneck + 1e-9
 
 
-def megatron_counts_from_flags(args: list[str], num_layers: int, pp: int) -> list[list[int]]:
-    """Layers per [vp_stage][pp_rank] that Megatron builds from the planner's flags."""
+def megatron_config_from_flags(args: list[str], num_layers: int, pp: int, **fields):
+    """The TransformerConfig Megatron-Core builds from the planner's flags (virtual stages from the
+    layout as Megatron-LM derives them); an AttnRes config when ``fields`` ask for one."""
     import torch
-    from megatron.core.transformer.enums import LayerType
     from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from attnres_megatron.config import AttnResTransformerConfig
+
     flags = dict(zip(args[::2], args[1::2]))
-    vpp = int(flags.get("--num-virtual-stages-per-pipeline-rank", 1))
-    if "--pipeline-model-parallel-layout" in flags:
-        layout = PipelineParallelLayerLayout(flags["--pipeline-model-parallel-layout"], pp)
-        layout.validate_layer_layout(num_layers=num_layers, mtp_num_layers=None)
-        assert layout.virtual_pipeline_model_parallel_size == vpp
-        return [[layout.layout[rank][vp].count(LayerType.decoder) for rank in range(pp)] for vp in range(vpp)]
+    layout = flags.get("--pipeline-model-parallel-layout")
     first = flags.get("--decoder-first-pipeline-num-layers")
     last = flags.get("--decoder-last-pipeline-num-layers")
-    config = TransformerConfig(
+    if layout is not None:  # Megatron-LM refuses the layout beside any of these
+        assert not {"--num-virtual-stages-per-pipeline-rank", "--decoder-first-pipeline-num-layers"} & set(
+            flags
+        )
+        vpp = PipelineParallelLayerLayout.get_num_stages_from_str(layout) // pp
+    else:
+        vpp = int(flags.get("--num-virtual-stages-per-pipeline-rank", 1))
+    config_class = AttnResTransformerConfig if fields else TransformerConfig
+    return config_class(
         num_layers=num_layers,
         hidden_size=64,
         num_attention_heads=4,
@@ -299,8 +304,22 @@ def megatron_counts_from_flags(args: list[str], num_layers: int, pp: int) -> lis
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers_in_first_pipeline_stage=int(first) if first else None,
         num_layers_in_last_pipeline_stage=int(last) if last else None,
+        pipeline_model_parallel_layout=layout,
         pipeline_dtype=torch.float32,
+        **fields,
     )
+
+
+def megatron_counts_from_flags(args: list[str], num_layers: int, pp: int) -> list[list[int]]:
+    """Layers per [vp_stage][pp_rank] of the model Megatron-Core builds from the planner's flags."""
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    config = megatron_config_from_flags(args, num_layers, pp)
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:  # parsed and validated by the config; what each rank builds
+        return [[layout.layout[rank][vp].count(LayerType.decoder) for rank in range(pp)] for vp in range(vpp)]
     return [
         [
             get_num_layers_to_build(config, vp_stage=vp if vpp > 1 else None, pp_rank=rank)
@@ -317,6 +336,7 @@ def megatron_counts_from_flags(args: list[str], num_layers: int, pp: int) -> lis
         (27, 6, 9, 1, "--decoder-first-pipeline-num-layers"),
         (27, 6, 3, 3, "--pipeline-model-parallel-layout"),
         (128, 32, 16, 1, "--pipeline-model-parallel-layout"),
+        (93, 24, 8, 2, "--pipeline-model-parallel-layout"),
         (24, 6, 4, 1, None),
         (24, 6, 2, 2, None),
     ],
@@ -328,8 +348,7 @@ def test_megatron_flags_build_the_planned_split(num_layers, block, pp, vpp, expe
         assert expect in args
     expected = [list(plan.chunk_layers[vp * pp : (vp + 1) * pp]) for vp in range(vpp)]
     assert megatron_counts_from_flags(args, num_layers, pp) == expected
-    layout_args = args[:2] if vpp > 1 else []
-    layout_args += ["--pipeline-model-parallel-layout", plan.layout_string]
+    layout_args = ["--pipeline-model-parallel-layout", plan.layout_string]
     assert megatron_counts_from_flags(layout_args, num_layers, pp) == expected
 
 
@@ -351,7 +370,99 @@ def test_first_last_flags_with_virtual_stages():
 def test_layout_string_format():
     plan = planner.evaluate_split([1, 2, 3, 1], 4, 2, 2)
     assert plan.layout_string == "Et|t*2|t*3|tL"
+    assert plan.megatron_args() == ["--pipeline-model-parallel-layout", "Et|t*2|t*3|tL"]  # V implied
     assert megatron_counts_from_flags(plan.megatron_args(), 7, 2) == [[1, 2], [3, 1]]
+    # runs of three or more equal middle stages are written (t*n|)*k, which Megatron unrolls
+    assert planner.layout_string([6, 5, 5, 5, 4]) == "Et*6|(t*5|)*3,t*4L"
+    assert planner.layout_string([1, 1, 1, 1, 1, 1, 2, 2]) == "Et|(t|)*5,t*2|t*2L"
+    assert planner.layout_string([6, 5, 5, 5, 4], compact=False) == "Et*6|t*5|t*5|t*5|t*4L"
+    rng = random.Random(2)
+    for _ in range(300):
+        counts = [rng.choice([1, 1, 2, 3, 12]) for _ in range(rng.randint(1, 24))]
+        pp = rng.choice([d for d in range(1, len(counts) + 1) if len(counts) % d == 0])
+        for compact in (True, False):
+            flags = ["--pipeline-model-parallel-layout", planner.layout_string(counts, compact)]
+            got = megatron_counts_from_flags(flags, sum(counts), pp)
+            assert [got[index // pp][index % pp] for index in range(len(counts))] == counts
+
+
+# The planner's cost model, written out again here for the independent checks below (V = 1).
+def own_sources(sublayer: int, block: int) -> int:
+    """b0, the completed blocks and the partial sum once started (the final mix: sublayer 2L)."""
+    return sublayer // block + 1 + (1 if sublayer % block else 0)
+
+
+def own_stage_costs(counts: list[int], block: int, cost) -> list[float]:
+    """Each stage: its layers (two aggregations each), the tensors it receives (b0, completed
+    blocks, partial), the embedding on the first and the output (final mix included) on the last."""
+    costs, start, total = [], 0, sum(counts)
+    for stage, count in enumerate(counts):
+        value = 0.0
+        for layer in range(start, start + count):
+            sources = own_sources(2 * layer, block) + own_sources(2 * layer + 1, block)
+            value += cost.layer_cost + cost.source_cost * sources
+        if start:
+            value += cost.transfer_cost * ((2 * start - 1) // block + 2)
+        if stage == 0:
+            value += cost.first_stage_extra
+        if stage == len(counts) - 1:
+            value += cost.last_stage_extra + cost.source_cost * own_sources(2 * total, block)
+        costs.append(value)
+        start += count
+    return costs
+
+
+@pytest.mark.parametrize(
+    "num_layers,block,pp,source_cost",
+    [(12, 1, 4, 0.02), (16, 1, 4, 0.0138), (13, 3, 3, 0.05), (10, 2, 2, 0.1), (14, 24, 4, 0.02)],
+)
+def test_the_planned_layout_builds_the_optimal_split_in_megatron_core(num_layers, block, pp, source_cost):
+    """V = 1: the layer counts Megatron-Core builds from the planner's layout string are the
+    planner's predicted per-stage counts and minimise the slowest stage, by brute force over every
+    split with the cost model written out in this test."""
+    cost = planner.CostModel(source_cost=source_cost, transfer_cost=0.03, last_stage_extra=0.2)
+    plan = planner.plan_stages(num_layers, block, pp, 1, cost)
+    flags = ["--pipeline-model-parallel-layout", plan.layout_string]
+    built = megatron_counts_from_flags(flags, num_layers, pp)[0]
+    assert built == list(plan.stage_layers)
+    bottleneck = {}
+    for cuts in itertools.combinations(range(1, num_layers), pp - 1):
+        bounds = (0, *cuts, num_layers)
+        counts = [bounds[index + 1] - bounds[index] for index in range(pp)]
+        bottleneck[tuple(counts)] = max(own_stage_costs(counts, block, cost))
+    best = min(bottleneck.values())
+    assert bottleneck[tuple(built)] == pytest.approx(best, abs=1e-9)
+    assert max(plan.stage_costs) == pytest.approx(best, abs=1e-9)
+    assert own_stage_costs(built, block, cost) == pytest.approx(list(plan.stage_costs))
+
+
+@pytest.mark.parametrize(
+    "counts,pp,block",
+    [([1, 2, 1, 1], 2, 3), ([2, 1, 3, 1, 1, 2, 2, 1], 4, 3), ([1, 3, 2], 3, 1), ([4, 1, 1, 2, 3, 1], 2, 6)],
+)
+def test_attn_res_reads_a_layout_for_every_rank_and_virtual_stage(counts, pp, block):
+    """The AttnRes layout of a config built from a layout string (Megatron's split, read for every
+    chunk from any process) has the chunk ranges of the string and sends the strict minimum."""
+    from attnres_megatron.pipeline.megatron_split import layout_from_config
+
+    flags = ["--pipeline-model-parallel-layout", planner.layout_string(counts)]
+    config = megatron_config_from_flags(
+        flags, sum(counts), pp, attention_residuals="block", attn_res_block_size=block
+    )
+    plan = layout_from_config(config)
+    ranges = sublayer_ranges(counts)  # tests/pipeline_minimum.py, from the counts alone
+    assert plan.virtual_size == len(counts) // pp and list(plan.chunk_ranges) == ranges
+    assert plan.hop_sources() == hop_tensors(ranges, pp, block)
+
+
+@pytest.mark.parametrize("pp,vpp", [(4, 1), (4, 2), (3, 3)])
+def test_planned_virtual_stage_layouts_build_the_planned_chunks(pp, vpp):
+    cost = planner.CostModel(source_cost=0.05)
+    plan = planner.plan_stages(20, 2, pp, vpp, cost)
+    flags = plan.megatron_args()
+    built = megatron_counts_from_flags(flags, 20, pp)
+    assert [built[index // pp][index % pp] for index in range(pp * vpp)] == list(plan.chunk_layers)
+    assert [sum(column) for column in zip(*built)] == list(plan.stage_layers)
 
 
 def test_num_blocks_resolves_like_the_plugin():
@@ -376,3 +487,190 @@ def test_planner_cli(tmp_path, capsys):
     assert data["even_split"]["chunk_layers"] == [9, 9, 9]
     assert data["speedup"] > 1
     assert planner.main(["--layers", "2", "--block-size", "6", "--pp", "3"]) == 2
+
+
+def test_planner_prints_the_layout_and_evaluates_a_given_split(capsys):
+    assert planner.main(["--layers", "16", "--block-size", "1", "--pp", "4", "--print-layout"]) == 0
+    printed = capsys.readouterr().out.strip()
+    plan = planner.plan_stages(16, 1, 4)
+    assert printed == plan.layout_string
+    built = megatron_counts_from_flags(["--pipeline-model-parallel-layout", printed], 16, 4)
+    assert built == [list(plan.stage_layers)]
+    assert planner.main(["--layers", "16", "--block-size", "1", "--pp", "4", "--split", "6,4,3,3"]) == 0
+    text = capsys.readouterr().out
+    assert "search: given split" in text and "6 | " in text
+    assert '--pipeline-model-parallel-layout "Et*6|t*4|t*3|t*3L"' in text
+    assert planner.main(["--layers", "16", "--block-size", "1", "--pp", "4", "--split", "6,4,3"]) == 2
+    with pytest.raises(SystemExit):
+        planner.main(["--layers", "16", "--block-size", "1", "--pp", "4", "8"])  # lists need --table
+
+
+def test_planner_table_counts_bytes_by_set_arithmetic(tmp_path, capsys):
+    out, md = tmp_path / "table.json", tmp_path / "table.md"
+    argv = ["--layers", "27", "--block-size", "6", "--pp", "4", "8", "16", "--vpp", "1", "2", "4", "--table"]
+    assert planner.main([*argv, "--output", str(out), "--markdown", str(md)]) == 0
+    text = capsys.readouterr().out
+    assert text == md.read_text() and "| 4 | 1 | 6, 7 x3 |" in text
+    data = json.loads(out.read_text())
+    pairs = [(row["pp"], row["vpp"]) for row in data["rows"]]
+    assert pairs == [(4, 1), (4, 2), (4, 4), (8, 1), (8, 2), (16, 1)]
+    assert [note.split(":")[0] for note in data["skipped"]] == ["PP=8 x V=4", "PP=16 x V=2", "PP=16 x V=4"]
+    for row in data["rows"]:
+        assert row["tensor_bytes"] == 4096 * 2304 * 2
+        for which in ("even", "plan"):
+            ranges = sublayer_ranges(row[f"{which}_chunk_layers"])
+            assert row[f"{which}_cached_tensors"] == sum(hop_tensors(ranges, row["pp"], 6))
+            assert row[f"{which}_naive_tensors"] == sum(hop_tensors(ranges, row["pp"], 6, cached=False))
+        assert row["speedup"] >= 1.0 and row["plan_imbalance"] >= 1.0
+        built = megatron_counts_from_flags(row["plan_megatron_args"], 27, row["pp"])
+        flat = [built[index // row["pp"]][index % row["pp"]] for index in range(row["pp"] * row["vpp"])]
+        assert flat == row["plan_chunk_layers"]
+    assert (data["rows"][0]["even_naive_tensors"], data["rows"][0]["even_cached_tensors"]) == (17, 17)
+
+
+def test_measurement_calibration_recovers_the_cost_model():
+    """tools/measure_pipeline_balance.py's fit, on compute times made from known costs."""
+    measure = load_tool("measure_pipeline_balance")
+    layer, mix, source, output, block = 0.05, 0.004, 0.0006, 0.006, 2
+
+    def times(layers: int) -> tuple[float, float]:
+        none = layers * layer + output
+        reads = sum(own_sources(j, block) for j in range(2 * layers + 1))  # 2L mixes + the final one
+        return none, none + (2 * layers + 1) * mix + reads * source
+
+    fitted = measure.fit_costs({8: times(8), 16: times(16)}, block)
+    assert fitted["layer_s"] == pytest.approx(layer) and fitted["per_mix_s"] == pytest.approx(mix)
+    assert fitted["per_source_s"] == pytest.approx(source)
+    assert fitted["embedding_output_loss_s"] == pytest.approx(output)
+    cost = fitted["cost"]
+    unit = layer + 2 * mix
+    assert cost.source_cost == pytest.approx(source / unit)
+    assert cost.last_stage_extra == pytest.approx((output + mix) / unit)
+    # the planner's single-stage cost in these units is the AttnRes run's time
+    plan = planner.evaluate_split([16], block, 1, 1, cost)
+    assert plan.stage_costs[0] * unit == pytest.approx(times(16)[1])
+
+
+# --------------------------------------------------------------------------- the flag's refusals
+
+PRETRAIN = [
+    *("--device", "cpu", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"),
+    *("--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "5", "--mock-data"),
+    *("--attention-residuals", "block", "--attn-res-block-size", "3"),
+]
+LAYOUT_REFUSALS = {
+    "syntax": (
+        ["--pipeline-model-parallel-size", "2"],
+        "Et*2|tx*2L",
+        ["Invalid layer character: x", "x*n repeats"],
+    ),
+    "layer-count": (
+        ["--pipeline-model-parallel-size", "2"],
+        "Et*2|t*3L",
+        ["the model has 4 transformer layers"],
+    ),
+    "first-last": (
+        ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"],
+        "Et|t*3L",
+        ["sets the split itself; drop --decoder-first/last-pipeline-num-layers"],
+    ),
+    "stages": (
+        ["--pipeline-model-parallel-size", "2"],
+        "Et|t|t*2L",
+        ["has 3 stages", "--pipeline-model-parallel-size 2"],
+    ),
+    "virtual-stages": (
+        ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
+        "Et|t|t|tL",
+        ["4 stages = 2 pipeline ranks x 2 virtual stages", "--num-virtual-stages-per-pipeline-rank is 3"],
+    ),
+    "empty-stage": (
+        ["--pipeline-model-parallel-size", "2"],
+        "Et*2|t||tL",
+        ["stage 2 (pipeline rank 0, virtual stage 1) has no transformer layer", "--print-layout"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_REFUSALS))
+def test_attnres_pretrain_refuses_a_bad_layout_before_any_work(pretrain_refusal, case):
+    flags, layout_text, messages = LAYOUT_REFUSALS[case]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    refusal = pretrain_refusal([*PRETRAIN, *flags, "--pipeline-model-parallel-layout", layout_text], env)
+    assert refusal.startswith("error: --pipeline-model-parallel-layout"), refusal
+    for message in messages:
+        assert message in refusal, refusal
+
+
+def test_an_empty_stage_is_megatrons_business_without_attention_residuals():
+    """Megatron-Core accepts stages without transformer layers; only AttnRes needs one per stage."""
+    import argparse
+
+    from attnres_megatron.training import early_checks
+
+    fields = dict(
+        pipeline_model_parallel_layout="Et*2||t*2L",
+        pipeline_model_parallel_size=3,
+        num_virtual_stages_per_pipeline_rank=None,
+        decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None,
+        model="gpt",
+    )
+    early_checks.validate_pipeline_layout(argparse.Namespace(**fields, attention_residuals="none"), 4)
+    with pytest.raises(
+        SystemExit, match="stage 1 .pipeline rank 1, virtual stage 0. has no transformer layer"
+    ):
+        early_checks.validate_pipeline_layout(argparse.Namespace(**fields, attention_residuals="block"), 4)
+
+
+MEGATRON_LM_DIR = os.environ.get("MEGATRON_LM_DIR")
+MEGATRON_LM_SNIPPET = """
+import json, os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=sys.argv[1])
+block_size = int(sys.argv[3])
+from megatron.training.arguments import parse_args, validate_args
+from attnres_megatron.config import AttnResTransformerConfig
+from attnres_megatron.megatron_lm.config import transformer_config_kwargs
+from attnres_megatron.pipeline.megatron_split import layout_from_config
+sys.argv = ["pretrain_gpt.py", *json.loads(sys.argv[2])]
+args = parse_args()
+validate_args(args)
+kwargs = transformer_config_kwargs(args)
+keys = ("num_layers", "hidden_size", "num_attention_heads", "pipeline_model_parallel_size",
+        "virtual_pipeline_model_parallel_size", "pipeline_model_parallel_layout", "pipeline_dtype")
+config = AttnResTransformerConfig(**{key: kwargs[key] for key in keys}, attention_residuals="block",
+                                  attn_res_block_size=block_size)
+plan = layout_from_config(config)
+print("RESULT", json.dumps({"vpp": args.virtual_pipeline_model_parallel_size, "ranges": plan.chunk_ranges}))
+"""
+
+
+@pytest.mark.skipif(
+    not (MEGATRON_LM_DIR and Path(MEGATRON_LM_DIR, "megatron/training/arguments.py").is_file()),
+    reason="set MEGATRON_LM_DIR to a Megatron-LM core_r0.16 checkout",
+)
+def test_megatron_lms_parser_takes_the_planners_layout(tmp_path):
+    """Megatron-LM's own --pipeline-model-parallel-layout: its parser and validate_args take the
+    planner's flags (virtual stages from the layout), its config mapping carries the layout, and
+    the AttnRes layout reads every chunk from it; with --num-virtual-stages-per-pipeline-rank beside
+    it Megatron-LM refuses, which is why the planner leaves that flag out."""
+    import subprocess
+
+    plan = planner.evaluate_split([2, 1, 3, 1, 1, 2, 2, 1], 3, 4, 2)
+    base = ["--num-layers", "13", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+    base += ["--max-position-embeddings", "32", "--micro-batch-size", "1", "--global-batch-size", "8"]
+    base += ["--train-iters", "1", "--lr", "1e-3", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64"]
+    base += ["--pipeline-model-parallel-size", "4", *plan.megatron_args()]
+    env = {**os.environ, "PYTHONPATH": MEGATRON_LM_DIR, "PYTHONWARNINGS": "ignore"}
+
+    def run(flags: list[str]) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", MEGATRON_LM_SNIPPET, "4", json.dumps(flags), "3"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    done = run(base)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["vpp"] == 2
+    assert [tuple(r) for r in result["ranges"]] == sublayer_ranges(plan.chunk_layers)
+    refused = run([*base, "--num-virtual-stages-per-pipeline-rank", "2"])
+    assert refused.returncode != 0 and "No more than one of the following arguments" in refused.stderr

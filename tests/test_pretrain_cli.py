@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import forked_cli
 import pytest
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
@@ -35,14 +36,13 @@ TINY = [
 ]
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "attnres_megatron.training.pretrain", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=check,
-    )
+def run_cli(*args: str, check: bool = True, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``attnres-pretrain args``, forked from the preloaded server (forked_cli.py) unless ``fresh``."""
+    command = [sys.executable, "-m", "attnres_megatron.training.pretrain", *args]
+    result = forked_cli.run(command, timeout=600, fresh=fresh)
+    if check:
+        result.check_returncode()
+    return result
 
 
 @pytest.mark.parametrize("mode", ["block", "full"])
@@ -86,7 +86,7 @@ def test_bad_flags_fail_before_training(pretrain_refusal, args, message):
 def test_the_cli_refuses_bad_flags_before_training():
     """End to end, once: the real command exits non-zero with the message and trains nothing."""
     args, message = BAD_FLAGS[1]  # refused by the model config, after the argument checks
-    result = run_cli(*TINY, "--train-iters", "5", *args, check=False)
+    result = run_cli(*TINY, "--train-iters", "5", *args, check=False, fresh=True)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "iteration" not in result.stdout

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import forked_cli
 import pytest
 import torch
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
@@ -44,11 +45,12 @@ FP32 = 4
 
 
 def profile(out_dir, *args: str) -> subprocess.CompletedProcess:
-    """Run ``attnres-profile`` in a fresh process (one thread per process: the CPU is shared)."""
+    """Run ``attnres-profile`` in a process of its own (forked from the preloaded server,
+    forked_cli.py; one thread per process: the CPU is shared)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "attnres_megatron.profiling.cli", *args, "--output-dir", str(out_dir)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return forked_cli.run(command, env=env, timeout=600)
 
 
 def load_report(out_dir, result: subprocess.CompletedProcess) -> dict:

@@ -8,12 +8,12 @@ import os
 import pty
 import select
 import struct
-import subprocess
 import sys
 import termios
 import time
 from pathlib import Path
 
+import forked_cli
 import pytest
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
@@ -69,11 +69,11 @@ def run_in_terminal(*args: str, timeout: float = 300) -> str:
     """Run ``attnres-pretrain`` with stdout on a pseudo-terminal; return what it printed there."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120 characters
-    process = subprocess.Popen(
+    process = forked_cli.Popen(  # forked from the preloaded server, on the terminal
         [sys.executable, "-m", "attnres_megatron.training.pretrain", *args],
-        stdin=subprocess.DEVNULL,
+        stdin=forked_cli.DEVNULL,
         stdout=slave,
-        stderr=subprocess.DEVNULL,
+        stderr=forked_cli.DEVNULL,
         cwd=REPO_ROOT,
     )
     os.close(slave)

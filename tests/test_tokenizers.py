@@ -13,6 +13,7 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
+import forked_cli
 import numpy as np
 import pytest
 from conftest import free_port
@@ -90,8 +91,9 @@ def clean_env() -> dict:
 
 
 def pretrain(*args: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    """``attnres-pretrain args`` with ``launcher``, forked from the preloaded server (forked_cli.py)."""
     command = [*launcher, "-m", "attnres_megatron.training.pretrain", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_env())
+    return forked_cli.run(command, timeout=600, env=clean_env())
 
 
 @pytest.fixture(autouse=True)
@@ -440,13 +442,7 @@ def test_pretrain_trains_and_evaluates_with_a_bpe_tokenizer(bpe_run, bpe, pretra
     saved = dist_checkpointing.load_common_state_dict(str(ck / "iter_0000020"))["args"]
     assert (saved["padded_vocab_size"], saved["tokenizer_model"]) == (1024, str(bpe[1000]))
     tool = [sys.executable, str(REPO / "tools" / "plot_depth_attention.py"), "--load", str(ck)]
-    plotted = subprocess.run(
-        [*tool, "--output", str(tmp_path / "depth.png")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    plotted = forked_cli.run([*tool, "--output", str(tmp_path / "depth.png")], timeout=300, cwd=tmp_path)
     assert plotted.returncode == 0, plotted.stderr[-3000:]
     assert "final" in plotted.stdout
 

@@ -5,7 +5,12 @@ layers cost more, and later pipeline boundaries carry more tensors. This tool sp
 ``L`` transformer layers into ``P * V`` contiguous, non-empty model chunks (chunk
 ``c = vp_stage * P + pp_rank``, Megatron's order) so that the slowest physical pipeline
 stage (the sum of its ``V`` chunks) is as fast as possible, and prints the plan beside
-the even split together with the Megatron flags that realise it.
+the even split together with the Megatron flags that realise it: first/last-stage layer counts
+where they can, else Megatron-Core's ``--pipeline-model-parallel-layout`` string (stages in
+chunk order, ``E``/``t``/``L``, ``|`` between stages, runs as ``(t*n|)*k``; its stage count sets
+the virtual stages, so ``--num-virtual-stages-per-pipeline-rank`` is left out, as Megatron-LM
+requires). ``--print-layout`` prints the layout string alone, ``--split`` evaluates a given
+split, ``--table`` tabulates bytes and imbalance over lists of ``--pp`` and ``--vpp``.
 
 Cost model (relative units, one transformer layer = ``--layer-cost``):
 
@@ -16,8 +21,14 @@ Cost model (relative units, one transformer layer = ``--layer-cost``):
 * a chunk pays ``--transfer-cost`` per tensor it receives at its start: the sources its rank
   lacks (b0, completed blocks, partial), counted with the cross-stage cache for V > 1, exactly
   as the plugin sends them (``PipelineLayout.sources_received``);
+* the last chunk also runs the final aggregation over all ``sources(2L)`` sources (before the
+  output norm), at ``--source-cost`` each;
 * the first chunk adds ``--first-stage-extra`` (embedding), the last ``--last-stage-extra``
   (output layer and loss).
+
+``docs/pipeline_balance.md`` checks the model against per-stage CPU times measured with
+``attnres-profile`` (``tools/measure_pipeline_balance.py``) and tabulates Kimi-sized stacks
+(``--table``).
 
 Search: for V = 1 an exact O(P L^2) dynamic programme minimises the maximum stage cost; for
 V > 1 an exhaustive search when the number of splits is small, otherwise a local search
@@ -77,6 +88,34 @@ class CostModel:
     last_stage_extra: float = 0.5
 
 
+def layout_string(chunk_layers: Sequence[int], compact: bool = True) -> str:
+    """Megatron-Core's ``--pipeline-model-parallel-layout`` for layers per chunk in chunk order
+    (chunk ``v * P + r``, Megatron's order of the stages in the string): ``E`` (the embedding)
+    opens the first stage, ``L`` (the loss) closes the last, ``t*n`` is ``n`` transformer layers,
+    ``|`` separates stages. ``compact`` writes a run of ``k >= 3`` equal middle stages as
+    ``(t*n|)*k`` (Megatron unrolls ``(...)*k``; commas are cosmetic), e.g. ``[6, 5, 5, 5, 4]`` ->
+    ``Et*6|(t*5|)*3,t*4L``."""
+    if not chunk_layers or min(chunk_layers) < 1:
+        raise ValueError(f"every chunk needs at least one layer; got {list(chunk_layers)}")
+    bodies = ["t" if count == 1 else f"t*{count}" for count in chunk_layers]
+    last = len(bodies) - 1
+    stages = [
+        ("E" if chunk == 0 else "") + body + ("L" if chunk == last else "")
+        for chunk, body in enumerate(bodies)
+    ]
+    if not compact:
+        return "|".join(stages)
+    # Runs of equal middle stages (the first has E, the last L); each piece ends with its '|'.
+    pieces, index = [stages[0] + "|"] if len(stages) > 1 else [], 1
+    while index < last:
+        run = 1
+        while index + run < last and stages[index + run] == stages[index]:
+            run += 1
+        pieces.append(f"({stages[index]}|)*{run}," if run >= 3 else f"{stages[index]}|" * run)
+        index += run
+    return "".join(pieces) + stages[last]
+
+
 def layer_costs(num_layers: int, sublayers_per_block: int, cost: CostModel) -> list[float]:
     """Predicted compute of each transformer layer (its two sublayers' aggregations included)."""
     return [
@@ -85,6 +124,11 @@ def layer_costs(num_layers: int, sublayers_per_block: int, cost: CostModel) -> l
         * (sources_at(2 * layer, sublayers_per_block) + sources_at(2 * layer + 1, sublayers_per_block))
         for layer in range(num_layers)
     ]
+
+
+def output_cost(num_layers: int, sublayers_per_block: int, cost: CostModel) -> float:
+    """The last chunk's extra: output layer and loss, plus the final aggregation over all sources."""
+    return cost.last_stage_extra + cost.source_cost * sources_at(2 * num_layers, sublayers_per_block)
 
 
 def received_tensors(chunk_layers: Sequence[int], pipeline_size: int, sublayers_per_block: int) -> list[int]:
@@ -160,13 +204,9 @@ class Plan:
 
     @property
     def layout_string(self) -> str:
-        """The plan as a Megatron ``--pipeline-model-parallel-layout`` string (chunk order)."""
-        stages = []
-        last = len(self.chunk_layers) - 1
-        for chunk, count in enumerate(self.chunk_layers):
-            body = "t" if count == 1 else f"t*{count}"
-            stages.append(("E" if chunk == 0 else "") + body + ("L" if chunk == last else ""))
-        return "|".join(stages)
+        """The plan as a Megatron ``--pipeline-model-parallel-layout`` string (chunk order,
+        runs of equal stages written ``(t*n|)*k``)."""
+        return layout_string(self.chunk_layers)
 
     @property
     def first_last_layers(self) -> tuple[int, int] | None:
@@ -196,7 +236,9 @@ class Plan:
                 "--decoder-last-pipeline-num-layers",
                 str(first_last[1]),
             ]
-        return args + ["--pipeline-model-parallel-layout", self.layout_string]
+        # The layout sets the virtual stages itself (stages / P); Megatron-LM refuses it beside
+        # --num-virtual-stages-per-pipeline-rank.
+        return ["--pipeline-model-parallel-layout", self.layout_string]
 
     def to_dict(self) -> dict:
         """JSON-ready view, derived fields included."""
@@ -244,7 +286,7 @@ def evaluate_split(
         if chunk == 0:
             value += cost.first_stage_extra
         if chunk == num_chunks - 1:
-            value += cost.last_stage_extra
+            value += output_cost(num_layers, sublayers_per_block, cost)
         chunk_costs.append(value)
         start += count
     stage_costs = tuple(
@@ -386,7 +428,7 @@ def plan_stages(
         if chunk == 0:
             value += cost.first_stage_extra
         if chunk == num_chunks - 1:
-            value += cost.last_stage_extra
+            value += output_cost(num_layers, sublayers_per_block, cost)
         return value
 
     even = evaluate(even_split(num_layers, num_chunks), "even split")
@@ -516,15 +558,150 @@ def report(plan: Plan, baseline: Plan) -> str:
         )
     else:
         lines.append("Megatron flags: " + " ".join(_quote(arg) for arg in args))
-        if plan.first_last_layers is not None:
-            layout_args = args[:2] if plan.virtual_size > 1 else []
-            layout_args += ["--pipeline-model-parallel-layout", plan.layout_string]
-            lines.append("equivalent layout: " + " ".join(_quote(arg) for arg in layout_args))
+    if "--pipeline-model-parallel-layout" not in args and plan.pipeline_size > 1:
+        lines.append(
+            "as a layout (sets the virtual stages itself): --pipeline-model-parallel-layout "
+            + _quote(plan.layout_string)
+        )
     return "\n".join(lines) + "\n"
 
 
 def _quote(arg: str) -> str:
-    return f'"{arg}"' if any(char in arg for char in "|*") else arg
+    return f'"{arg}"' if any(char in arg for char in "|*()") else arg
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One PP x V combination: traffic and predicted imbalance of the even and the planned split."""
+
+    pp: int
+    vpp: int
+    even: Plan
+    plan: Plan
+    tensor_bytes: int
+
+    def tensors(self, which: str, cached: bool = True) -> int:
+        """[s, b, h] tensors crossing every hop of one micro-batch, forward (backward: the same)."""
+        split = self.even if which == "even" else self.plan
+        plan = PipelineLayout.from_layer_counts(
+            self.pp, self.vpp, split.sublayers_per_block, split.chunk_layers
+        )
+        return sum(plan.hop_sources(cached))
+
+    def to_dict(self) -> dict:
+        return {
+            "pp": self.pp,
+            "vpp": self.vpp,
+            "even_chunk_layers": list(self.even.chunk_layers),
+            "plan_chunk_layers": list(self.plan.chunk_layers),
+            "plan_layout": self.plan.layout_string,
+            "plan_megatron_args": self.plan.megatron_args(),
+            "tensor_bytes": self.tensor_bytes,
+            **{
+                f"{which}_{kind}_tensors": self.tensors(which, kind == "cached")
+                for which in ("even", "plan")
+                for kind in ("naive", "cached")
+            },
+            "even_imbalance": self.even.imbalance,
+            "plan_imbalance": self.plan.imbalance,
+            "even_objective": self.even.objective_value,
+            "plan_objective": self.plan.objective_value,
+            "speedup": self.even.objective_value / self.plan.objective_value,
+        }
+
+
+def balance_table(
+    num_layers: int,
+    sublayers_per_block: int,
+    pp_sizes: Sequence[int],
+    vpp_sizes: Sequence[int],
+    tensor_bytes: int,
+    cost: CostModel | None = None,
+    objective: str = "lockstep",
+) -> tuple[list[TableRow], list[str]]:
+    """Every PP x V combination with at least one layer per chunk (the others are returned as
+    skip notes): the even split and the planned one."""
+    rows, skipped = [], []
+    for pp in pp_sizes:
+        for vpp in vpp_sizes:
+            if pp * vpp > num_layers:
+                skipped.append(
+                    f"PP={pp} x V={vpp}: {pp * vpp} chunks for {num_layers} layers (one layer each needed)"
+                )
+                continue
+            even = even_plan(num_layers, sublayers_per_block, pp, vpp, cost, objective)
+            plan = plan_stages(num_layers, sublayers_per_block, pp, vpp, cost, objective)
+            rows.append(TableRow(pp, vpp, even, plan, tensor_bytes))
+    return rows, skipped
+
+
+def _split_cell(chunk_layers: Sequence[int]) -> str:
+    """Layers per chunk in chunk order, runs written ``n xk`` (``3 x6, 5`` = six chunks of 3 layers,
+    then one of 5)."""
+    runs: list[list[int]] = []
+    for count in chunk_layers:
+        if runs and runs[-1][0] == count:
+            runs[-1][1] += 1
+        else:
+            runs.append([count, 1])
+    return ", ".join(f"{count}" if times == 1 else f"{count} x{times}" for count, times in runs)
+
+
+def table_markdown(rows: Sequence[TableRow], skipped: Sequence[str], header: str) -> str:
+    """The table as markdown, with the cost model and the skipped combinations."""
+    mib = 1 << 20
+    lines = [
+        header,
+        "",
+        "| PP | V | even split: layers per chunk | naive MiB (tensors) | cached MiB (tensors) | imbalance "
+        "| balanced split: layers per chunk | cached MiB (tensors) | imbalance | speedup |",
+        "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = []
+        for which in ("even", "plan"):
+            split = row.even if which == "even" else row.plan
+            cells.append(_split_cell(split.chunk_layers))
+            kinds = ("naive", "cached") if which == "even" else ("cached",)
+            for kind in kinds:
+                tensors = row.tensors(which, kind == "cached")
+                cells.append(f"{tensors * row.tensor_bytes / mib:,.0f} ({tensors})")
+            cells.append(f"{split.imbalance:.3f}")
+        speedup = row.even.objective_value / row.plan.objective_value
+        lines.append(f"| {row.pp} | {row.vpp} | " + " | ".join(cells) + f" | {speedup:.3f} |")
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(skipped) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def table_header(args: argparse.Namespace, block_size: int, cost: CostModel, tensor_bytes: int) -> str:
+    return (
+        f"L={args.layers} layers, S={block_size} sublayers per block "
+        f"(N={layout.num_blocks(args.layers, block_size)} blocks + b0); one tensor [s={args.seq}, "
+        f"b={args.micro_batch}, h={args.hidden}] x {args.bytes_per_element} B = "
+        f"{tensor_bytes / (1 << 20):.2f} MiB. "
+        "Bytes: every hop of one micro-batch, forward (backward sends as many); naive = every source the "
+        "receiver reads, cached = the strict minimum (what the plugin sends). Imbalance: slowest "
+        "physical stage / mean stage (a stage = the sum of its V chunks), predicted by the cost model "
+        f"(layer {cost.layer_cost:g}, source {cost.source_cost:g}, transfer {cost.transfer_cost:g}, "
+        f"first-stage extra {cost.first_stage_extra:g}, last-stage extra {cost.last_stage_extra:g}). "
+        "Layers per chunk in chunk order (v P + r), `n xk` = k chunks of n layers. "
+        "Even: L / (P V) per chunk, remainder to the last chunks. Balanced: the planner's split "
+        f"(objective {args.vpp_objective} for V > 1); speedup = even / balanced on that objective."
+    )
+
+
+def parse_split(text: str) -> list[int]:
+    """``--split 10,9,8`` -> ``[10, 9, 8]``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts, e.g. 10,9,8; got {text!r}"
+        ) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -533,8 +710,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--block-size", type=int, help="sublayers per AttnRes block S (1 = Full AttnRes)")
     size.add_argument("--num-blocks", type=int, help="AttnRes blocks N (S = ceil(2L / N))")
-    parser.add_argument("--pp", type=int, required=True, help="pipeline-parallel size P")
-    parser.add_argument("--vpp", type=int, default=1, help="virtual stages per pipeline rank V")
+    parser.add_argument(
+        "--pp", type=int, nargs="+", required=True, help="pipeline-parallel size P (several with --table)"
+    )
+    parser.add_argument(
+        "--vpp",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="virtual stages per pipeline rank V (several with --table)",
+    )
     parser.add_argument("--layer-cost", type=float, default=1.0, help="compute per transformer layer")
     parser.add_argument(
         "--source-cost", type=float, default=0.02, help="aggregation cost per source per sublayer"
@@ -552,8 +737,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "default, as interleaved 1F1B advances stage by stage) or the slowest physical stage "
         "(sum of its chunks)",
     )
-    parser.add_argument("--output", default=None, help="write the plan and the even split as JSON")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--split",
+        type=parse_split,
+        default=None,
+        help="evaluate this split (layers per chunk in chunk order v * P + r, comma-separated) "
+        "instead of searching one",
+    )
+    parser.add_argument(
+        "--print-layout",
+        action="store_true",
+        help="print only the plan's --pipeline-model-parallel-layout string, e.g. for "
+        '--pipeline-model-parallel-layout "$(python tools/plan_pipeline_stages.py ... --print-layout)"',
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="a markdown table over every --pp x --vpp combination: bytes per micro-batch (naive, "
+        "cached) and predicted imbalance of the even and the balanced split",
+    )
+    parser.add_argument("--hidden", type=int, default=2304, help="--table: hidden size h")
+    parser.add_argument("--seq", type=int, default=4096, help="--table: sequence length s")
+    parser.add_argument("--micro-batch", type=int, default=1, help="--table: micro-batch size b")
+    parser.add_argument("--bytes-per-element", type=int, default=2, help="--table: 2 for bf16, 4 for fp32")
+    parser.add_argument("--markdown", default=None, help="--table: also write the markdown here")
+    parser.add_argument(
+        "--output", default=None, help="write the plan and the even split (or the table) as JSON"
+    )
+    args = parser.parse_args(argv)
+    if not args.table and (len(args.pp) > 1 or len(args.vpp) > 1):
+        parser.error("several --pp or --vpp values need --table")
+    if args.table and (args.split is not None or args.print_layout):
+        parser.error("--table plans every combination; drop --split / --print-layout")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -563,11 +779,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         block_size = resolve_block_size(args.layers, args.block_size, args.num_blocks)
-        plan = plan_stages(args.layers, block_size, args.pp, args.vpp, cost, args.vpp_objective)
-        baseline = even_plan(args.layers, block_size, args.pp, args.vpp, cost, args.vpp_objective)
+        if args.table:
+            return write_table(args, block_size, cost)
+        pp, vpp = args.pp[0], args.vpp[0]
+        baseline = even_plan(args.layers, block_size, pp, vpp, cost, args.vpp_objective)
+        if args.split is not None:
+            if sum(args.split) != args.layers:
+                raise ValueError(
+                    f"--split {args.split} has {sum(args.split)} layers; --layers is {args.layers}"
+                )
+            plan = evaluate_split(args.split, block_size, pp, vpp, cost, "given split", args.vpp_objective)
+        else:
+            plan = plan_stages(args.layers, block_size, pp, vpp, cost, args.vpp_objective)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.print_layout:
+        print(plan.layout_string)
+        return 0
     print(report(plan, baseline), end="")
     if args.output:
         data = {
@@ -576,6 +805,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "objective": plan.objective,
             "speedup": baseline.objective_value / plan.objective_value,
         }
+        Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def write_table(args: argparse.Namespace, block_size: int, cost: CostModel) -> int:
+    """``--table``: print (and write) the markdown table, the JSON with ``--output``."""
+    tensor_bytes = args.seq * args.micro_batch * args.hidden * args.bytes_per_element
+    rows, skipped = balance_table(
+        args.layers, block_size, args.pp, args.vpp, tensor_bytes, cost, args.vpp_objective
+    )
+    text = table_markdown(rows, skipped, table_header(args, block_size, cost, tensor_bytes))
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.output:
+        data = {"rows": [row.to_dict() for row in rows], "skipped": skipped, "cost": asdict(cost)}
         Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 

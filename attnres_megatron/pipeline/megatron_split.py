@@ -1,11 +1,13 @@
 """Megatron's own layer split as a :class:`~attnres_megatron.pipeline.layout.PipelineLayout`.
 
 The one place the layout arithmetic meets Megatron-Core: uneven first/last stages and
-``--pipeline-model-parallel-layout`` come from Megatron's functions, not from a copy.
+``--pipeline-model-parallel-layout`` come from Megatron's functions and Megatron's parsed layout,
+not from a copy.
 """
 
 from __future__ import annotations
 
+from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -20,6 +22,22 @@ def chunk_sublayer_ranges(config) -> tuple[tuple[int, int], ...]:
     """Global sublayer range of each chunk Megatron builds, in chunk order (chunk ``v * P + r``)."""
     pipeline = config.pipeline_model_parallel_size
     virtual = config.virtual_pipeline_model_parallel_size or 1
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None:
+        # Megatron-Core 0.16's get_transformer_layer_offset / get_num_layers_to_build ignore
+        # ``pp_rank`` under a layout (they read this process's rank), and the layout's own
+        # methods ignore ``vp_stage`` before the virtual pipeline size is in parallel_state. So
+        # read Megatron's parsed layout: ``layout.layout[pp_rank][vp_stage]`` holds the layer
+        # types of chunk ``vp_stage * P + pp_rank``, and layer ids follow the chunk order.
+        counts = [
+            layout.layout[index % pipeline][index // pipeline].count(LayerType.decoder)
+            for index in range(pipeline * virtual)
+        ]
+        ranges, start = [], 0
+        for count in counts:
+            ranges.append((2 * start, 2 * (start + count)))
+            start += count
+        return tuple(ranges)
     ranges = []
     for index in range(pipeline * virtual):
         vp_stage, pp_rank = divmod(index, pipeline)

@@ -117,18 +117,31 @@ def render_markdown(report: dict[str, Any]) -> str:
     if parallel["pipeline"] > 1:
         lines += ["## Pipeline stages (median ms)", ""]
         lines += _table(
-            ["variant", "stage", "forward", "backward", "optimizer", "p2p", "step", "peak MiB", "imbalance"],
+            [
+                "variant",
+                "stage",
+                "forward",
+                "backward",
+                "compute (CPU time)",
+                "optimizer",
+                "p2p",
+                "step",
+                "peak MiB",
+                "imbalance (CPU time)",
+            ],
             [
                 [
                     v["name"],
                     s["pp_rank"],
                     _ms(s["forward_s"]),
                     _ms(s["backward_s"]),
+                    _ms(s["compute_cpu_s"]),
                     _ms(s["optimizer_s"]),
                     _ms(s["p2p_s"]),
                     _ms(s["step_s"]),
                     _mib(s["peak_memory_bytes"]),
-                    f"{v['stage_imbalance']:.3f}",
+                    f"{v['stage_imbalance']:.3f}"
+                    + (f" ({v['stage_imbalance_cpu']:.3f})" if v["stage_imbalance_cpu"] is not None else ""),
                 ]
                 for v in variants
                 for s in v["stages"]

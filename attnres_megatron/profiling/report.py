@@ -22,7 +22,10 @@ TIMING_METHOD = (
     "'backward-compute' (config.timers), optimizer is the optimizer.step() interval; other = step - "
     "forward - backward - optimizer (p2p waits, pipeline bubbles, gradient all-reduce, zero-grad). "
     "CUDA is synchronised at every reading. Medians over the timed steps; under pipeline parallelism "
-    "the step is the slowest rank's and the split is the bottleneck stage's."
+    "the step is the slowest rank's and the split is the bottleneck stage's. On CPU each stage's "
+    "compute is also given as CPU time of the training thread inside those two timers "
+    "(time.thread_time: the stage's own work, unaffected by other processes sharing the cores), "
+    "with its imbalance (slowest / mean)."
 )
 MEMORY_METHODS = {
     "cuda": "torch.cuda.max_memory_allocated over the timed steps (peak reset after warmup)",
@@ -81,11 +84,15 @@ def _stage_row(local: dict, device: str) -> dict[str, Any]:
         key: median([step[key] for step in steps])
         for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "p2p_s")
     }
+    cpu = None
+    if device == "cpu":
+        cpu = sum(median([step[key] for step in steps]) for key in ("forward_cpu_s", "backward_cpu_s"))
     return {
         "pp_rank": local["pp_rank"],
         "rank": local["rank"],
         **row,
         "compute_s": row["forward_s"] + row["backward_s"],
+        "compute_cpu_s": cpu,
         "peak_memory_bytes": memory_summary(local, device)["peak_bytes"],
         "parameters": local["parameters"],
         "aggregation_calls_per_step": local["aggregation"]["calls_per_step"],
@@ -142,6 +149,13 @@ def _boundary_rows(ranks: list[dict], reps: dict[int, dict]) -> list[dict[str, A
     return rows
 
 
+def _imbalance(values: list[Optional[float]]) -> Optional[float]:
+    """Largest over mean; None when a value is missing (CUDA) or all are zero."""
+    if any(value is None for value in values) or not sum(values):
+        return None
+    return max(values) / (sum(values) / len(values))
+
+
 def summarize_variant(ranks: list[dict], device: str, tokens_per_step: int) -> dict[str, Any]:
     """One variant's medians, per-step split, memory, stages and boundaries from every rank."""
     reps = _representatives(ranks)
@@ -177,6 +191,7 @@ def summarize_variant(ranks: list[dict], device: str, tokens_per_step: int) -> d
         "tokens_per_second": tokens_per_step / medians["step_s"],
         "bottleneck_stage": bottleneck,
         "stage_imbalance": max(compute) / (sum(compute) / len(compute)),
+        "stage_imbalance_cpu": _imbalance([stage["compute_cpu_s"] for stage in stages]),
         "steps": per_step,
         "memory": {**memory_summary(heaviest, device), "rank": heaviest["rank"]},
         "aggregation": {

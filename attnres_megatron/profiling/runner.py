@@ -90,6 +90,8 @@ class VariantRun:
             "step_s": end - start,
             "forward_s": self.timers.seconds("forward-compute"),
             "backward_s": self.timers.seconds("backward-compute"),
+            "forward_cpu_s": self.timers.cpu_seconds("forward-compute"),
+            "backward_cpu_s": self.timers.cpu_seconds("backward-compute"),
             "optimizer_s": end - middle,
             "p2p_s": self.timers.seconds(*P2P_TIMERS),
             "next_rank_p2p_s": self.timers.seconds(*NEXT_RANK_TIMERS),

@@ -498,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument(
         "--pipeline-model-parallel-layout",
         default=None,
-        help="Megatron layout string, e.g. 'Et*3|t*3|t*2L' (overrides the counts).",
+        help="Megatron-Core's layer layout, stages in chunk order separated by '|' (E embedding, t "
+        "transformer layer, L loss; 't*3', '(t*2|)*4' repeat), e.g. 'Et*3|t*3|t*2L'; its stage count / "
+        "--pipeline-model-parallel-size sets the virtual stages. tools/plan_pipeline_stages.py "
+        "--print-layout gives the AttnRes-balanced one. Not with --decoder-first/last-pipeline-num-layers.",
     )
     parallel.add_argument(
         "--sequence-parallel",

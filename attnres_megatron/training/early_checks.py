@@ -166,11 +166,22 @@ def validate_pipeline_layout(args: argparse.Namespace, num_layers: int) -> None:
     if stages // pp > 1:
         args.num_virtual_stages_per_pipeline_rank = stages // pp  # Megatron-LM derives it the same way
     try:
-        PipelineParallelLayerLayout(layout, pp).validate_layer_layout(
-            num_layers=num_layers, mtp_num_layers=None
-        )
+        parsed = PipelineParallelLayerLayout(layout, pp)
+        parsed.validate_layer_layout(num_layers=num_layers, mtp_num_layers=None)
     except (AssertionError, ValueError, NotImplementedError) as error:
         fail(f"{name}: {error}; the model has {num_layers} transformer layers (t). {LAYOUT_SYNTAX}.")
+    if hasattr(args, "model") and not stock_layers(args):
+        from megatron.core.transformer.enums import LayerType
+
+        for index in range(stages):
+            vp_stage, pp_rank = divmod(index, pp)
+            if LayerType.decoder not in parsed.layout[pp_rank][vp_stage]:
+                fail(
+                    f"{name}: stage {index} (pipeline rank {pp_rank}, virtual stage {vp_stage}) has no "
+                    "transformer layer; attention residuals need at least one per stage (a chunk "
+                    "passes its depth state on). Move a layer there, e.g. from "
+                    "tools/plan_pipeline_stages.py --print-layout."
+                )
 
 
 def _existing_ancestor(path: Path) -> Path:
