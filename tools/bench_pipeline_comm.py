@@ -30,7 +30,6 @@ Example: ``python tools/bench_pipeline_comm.py --pp 3 9 --vpp 1 3 --markdown com
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -53,16 +52,9 @@ MIB = 1 << 20
 MAX_LISTED_HOPS = 8
 
 
-def load_layout():
-    """The plugin's pure layout module, without importing the package (and Megatron)."""
-    name = "attnres_megatron.pipeline.layout"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "attnres_megatron/pipeline/layout.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+from plan_pipeline_stages import load_layout  # noqa: E402  (one loader of the pure layout module)
 
 layout = load_layout()
 PipelineLayout = layout.PipelineLayout

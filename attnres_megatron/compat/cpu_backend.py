@@ -206,6 +206,18 @@ class _TorchWithCpuFactories(types.ModuleType):
         return factory
 
 
+class ModuleStandIn(types.ModuleType):
+    """A module seen by one Megatron module in place of ``base``: ``overrides`` first, then ``base``."""
+
+    def __init__(self, base: types.ModuleType, **overrides) -> None:
+        super().__init__(base.__name__)
+        self._base = base
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
+
+
 def _detached_send(send):
     @functools.wraps(send)
     def send_alias(tensor, *args, **kwargs):
@@ -214,43 +226,29 @@ def _detached_send(send):
     return send_alias
 
 
-class _DistributedWithDetachedSends(types.ModuleType):
+def _distributed_with_detached_sends() -> ModuleStandIn:
     """``torch.distributed`` whose sends hand gloo an alias of the tensor (``detach()``).
 
     gloo reads a pending send's tensor from its background thread; Megatron's schedules free
     a sent activation by swapping its storage out (``deallocate_output_tensor``), which the
     original tensor object would then show to gloo. The alias keeps the sent storage."""
+    isend = _detached_send(torch.distributed.isend)
 
-    def __init__(self) -> None:
-        super().__init__("torch.distributed")
-        self.isend = _detached_send(torch.distributed.isend)
-        self.send = _detached_send(torch.distributed.send)
-
-    def P2POp(self, op, tensor, *args, **kwargs):  # noqa: N802 (torch's name)
-        if op is self.isend:
+    def p2p_op(op, tensor, *args, **kwargs):
+        if op is isend:
             op, tensor = torch.distributed.isend, tensor.detach()
         return torch.distributed.P2POp(op, tensor, *args, **kwargs)
 
-    def __getattr__(self, name: str):
-        return getattr(torch.distributed, name)
-
-
-class _TorchWithDetachedSends(types.ModuleType):
-    """``torch`` for Megatron's p2p module, with :class:`_DistributedWithDetachedSends`."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-        self.distributed = _DistributedWithDetachedSends()
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
+    return ModuleStandIn(
+        torch.distributed, isend=isend, send=_detached_send(torch.distributed.send), P2POp=p2p_op
+    )
 
 
 def install_detached_pipeline_sends() -> None:
     """Pipeline sends keep their storage while gloo sends them (see the class above)."""
     from megatron.core.pipeline_parallel import p2p_communication
 
-    p2p_communication.torch = _TorchWithDetachedSends()
+    p2p_communication.torch = ModuleStandIn(torch, distributed=_distributed_with_detached_sends())
 
 
 def _with_cuda_on_cpu(function):

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from attnres_megatron.compat.cpu_backend import CudaToCpuMode
+from attnres_megatron.compat.cpu_backend import CudaToCpuMode, ModuleStandIn
 
 
 def install_attnres_schedule() -> None:
@@ -90,36 +90,13 @@ def install_initialize_without_cuda() -> None:
     training.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
 
 
-class _CudaReportingOneDevice(types.ModuleType):
-    """``torch.cuda`` for ``megatron.training.initialize``: one device, ``set_device`` a no-op."""
-
-    def __init__(self) -> None:
-        super().__init__("torch.cuda")
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "device_count":
-            return lambda: 1
-        if name == "set_device":
-            return lambda device: None
-        return getattr(torch.cuda, name)
-
-
-class _TorchForInitialize(types.ModuleType):
-    """``torch`` for ``megatron.training.initialize``, with :class:`_CudaReportingOneDevice`."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-        self.cuda = _CudaReportingOneDevice()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
 def install_distributed_setup_on_cpu() -> None:
     """Model parallelism and its seeds set up as on one GPU per process; no fused-kernel build."""
     from megatron.training import initialize
 
-    initialize.torch = _TorchForInitialize()
+    # torch.cuda reporting one device, whose set_device is a no-op
+    one_device = ModuleStandIn(torch.cuda, device_count=lambda: 1, set_device=lambda device: None)
+    initialize.torch = ModuleStandIn(torch, cuda=one_device)
     initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from attnres_megatron.config import resolve_sublayers_per_block
 from attnres_megatron.models.families import model_family
-from attnres_megatron.training.arguments import add_attn_res_args, add_model_arg
+from attnres_megatron.training.arguments import add_attn_res_args, add_device_arg, add_model_arg
 from attnres_megatron.training.quiet import add_verbose_warnings_arg
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -98,17 +98,13 @@ CUDA_ONLY_OPTIONS = (
 )
 
 
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
+def add_megatron_lm_device_arg(parser: argparse.ArgumentParser) -> None:
     """``--device``, attnres-pretrain's flag (applied after parsing by :func:`apply_device_defaults`)."""
-    group = parser.add_argument_group("attnres-megatron: device")
-    group.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="cpu runs Megatron-LM's loop on the CPU with gloo; options not given on the command "
-        "line then default to "
-        + ", ".join(f"{key}={value}" for key, value in CPU_DEFAULTS.items())
-        + "; auto picks cuda when available.",
+    defaults = ", ".join(f"{key}={value}" for key, value in CPU_DEFAULTS.items())
+    add_device_arg(
+        parser.add_argument_group("attnres-megatron: device"),
+        "cpu runs Megatron-LM's loop on the CPU with gloo; options not given on the command line "
+        f"then default to {defaults}; auto picks cuda when available.",
     )
 
 
@@ -154,7 +150,7 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     after parsing."""
     add_attn_res_args(parser)
     add_model_arg(parser.add_argument_group("attention residuals: model family"))
-    add_device_arg(parser)
+    add_megatron_lm_device_arg(parser)
     _check_after_parsing(parser)
     return parser
 

@@ -43,6 +43,14 @@ def attn_res_weight_decay(text: str) -> Union[str, float]:
     return value
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def add_device_arg(group: Any, help: str) -> None:
+    """``--device`` (attnres-pretrain's, attnres-profile's and the Megatron-LM routes')."""
+    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=help)
+
+
 def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the AttnRes flags (also used by the Megatron-LM integration)."""
     group = parser.add_argument_group("attention residuals")
@@ -656,12 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = parser.add_argument_group("run")
-    run.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="cpu enables the CPU/gloo backend; auto picks cuda when available.",
-    )
+    add_device_arg(run, "cpu enables the CPU/gloo backend; auto picks cuda when available.")
     run.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
     run.add_argument(
         "--summary-json", default=None, help="Write the final summary (losses, tokens/s) to this JSON file."
