@@ -79,7 +79,7 @@ def triton_fused(sources, query, gain, eps):
 
 def two_phase_cpp(sources, query, gain, eps):
     *blocks, partial = sources
-    return TwoPhaseBlockAggregator(blocks, [query], [gain], eps, kernels="cpp").mix(0, partial)
+    return TwoPhaseBlockAggregator(blocks, [query], [gain], eps, backend="cpp").mix(0, partial)
 
 
 IMPLEMENTATIONS = {

@@ -9,7 +9,7 @@ import torch
 
 from attnres_megatron.ops import aggregate_reference
 from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
-from attnres_megatron.ops.triton_aggregate import aggregate_fused
+from attnres_megatron.ops.dispatch import one_pass_function
 
 EPS = 1e-6
 
@@ -93,11 +93,10 @@ def test_non_contiguous_sources_and_partial_input_grads():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
 
 
-def test_fused_impl_routes_cpu_tensors_to_the_cpp_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_fused_impl_routes_cpu_tensors_to_the_cpp_kernels():
     sources, query, gain, grad = inputs(3, torch.float64, seed=5)
     torch.testing.assert_close(
-        aggregate_fused(sources, query, gain, EPS),
+        one_pass_function("fused")(sources, query, gain, EPS),
         aggregate_cpu_fused(sources, query, gain, EPS),
         rtol=0,
         atol=0,
@@ -139,7 +138,7 @@ def test_streaming_stores_for_large_tensors(dtype, shape, tol):
         torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
     blocks, partial = sources[:2], sources[2]
-    agg = TwoPhaseBlockAggregator(blocks, [query, query], [gain, gain], EPS, kernels="cpp")
+    agg = TwoPhaseBlockAggregator(blocks, [query, query], [gain, gain], EPS, backend="cpp")
     mixed = [agg.mix(0, None), agg.mix(1, partial)]
     leaves = [query, gain, *sources]
     got = torch.autograd.grad(mixed, leaves, [grad, grad])

@@ -82,7 +82,7 @@ def run_block(
     def partial(j: int) -> Tensor | None:
         return partials[j] if (with_partial or n == 0) else None
 
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend=kernels)
     outs = [agg.mix(j, partial(j)) for j in range(n_sub)]
     refs = []
     for j in range(n_sub):
@@ -95,7 +95,7 @@ def run_block(
     return outs, refs, list(grads), list(ref_grads)
 
 
-KERNELS = pytest.mark.parametrize("kernels", ["cpp", "eager"])
+KERNELS = pytest.mark.parametrize("kernels", ["cpp", "torch"])
 
 
 @KERNELS
@@ -161,7 +161,7 @@ def test_two_phase_saves_only_references_and_scalars(kernels: str) -> None:
     blocks = [rand((s, b, h), gen, torch.float32) for _ in range(4)]
     partial = rand((s, b, h), gen, torch.float32)
     queries, gains = params(h, 3, gen, torch.float32)
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend=kernels)
     packed: list[Tensor] = []
 
     def pack(t: Tensor) -> Tensor:
@@ -180,12 +180,12 @@ def test_aggregator_releases_stats_after_last_mix(kernels: str) -> None:
     gen = torch.Generator().manual_seed(2)
     blocks = [rand((3, 1, 8), gen, torch.float32) for _ in range(2)]
     queries, gains = params(8, 2, gen, torch.float32)
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend=kernels)
     agg.mix(0, None)
     agg.mix(1, blocks[0])
     with pytest.raises(RuntimeError, match="already mixed"):
         agg.mix(0, None)
-    keep = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, release_after_last=False, kernels=kernels)
+    keep = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, release_after_last=False, backend=kernels)
     first = keep.mix(0, None)
     keep.mix(1, None)
     torch.testing.assert_close(keep.mix(0, None), first)
@@ -206,7 +206,7 @@ def test_two_phase_cpp_block_grads_once_per_backward_pass() -> None:
     sublayers that ran backward in it: two passes double them; a pass over some sublayers
     gives only theirs."""
     blocks, queries, gains, partials, upstream = block_inputs(3, 3, seed=21)
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="cpp")
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend="cpp")
     outs = [agg.mix(j, partials[j] if j else None) for j in range(3)]
     refs = [
         aggregate_reference(blocks + ([partials[j]] if j else []), queries[j], gains[j], EPS)
@@ -224,7 +224,7 @@ def test_two_phase_cpp_block_grads_once_per_backward_pass() -> None:
 
 
 def _mix_all(blocks, queries, gains, partials, kernels: str = "cpp") -> list[Tensor]:
-    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+    agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend=kernels)
     return [agg.mix(j, partials[j] if j else None) for j in range(len(queries))]
 
 
@@ -273,7 +273,7 @@ def test_two_phase_cpp_non_contiguous_blocks_and_frozen_inputs() -> None:
 
 
 def test_two_phase_kernels_fall_back_to_eager_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from attnres_megatron.ops import cpu_extension, two_phase
+    from attnres_megatron.ops import cpu_extension, dispatch
 
     def broken() -> None:
         raise RuntimeError("C++ kernels unavailable; use --attn-res-impl torch")
@@ -281,13 +281,13 @@ def test_two_phase_kernels_fall_back_to_eager_only_when_asked(monkeypatch: pytes
     monkeypatch.setattr(cpu_extension, "cpu_extension", broken)
     blocks, queries, gains, partials, _ = block_inputs(2, 2, seed=1)
     with pytest.raises(RuntimeError, match="--attn-res-impl torch"):
-        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="cpp")
-    two_phase._warn_eager_fallback.cache_clear()
+        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend="cpp")
+    dispatch._warn_fallback.cache_clear()
     with pytest.warns(UserWarning, match="eager"):
         agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS)
     torch.testing.assert_close(agg.mix(0, None), aggregate_reference(blocks, queries[0], gains[0], EPS))
-    with pytest.raises(ValueError, match="kernels"):
-        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels="triton")
+    with pytest.raises(ValueError, match="two-phase backend"):
+        TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------

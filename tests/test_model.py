@@ -58,7 +58,7 @@ PARITY_CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["torch", "two-phase"])
+@pytest.mark.parametrize("impl", ["torch", "two-phase", "auto"])
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
 def test_fp64_parity_with_independent_reference(reseed, case, impl):
     config = make_config(num_layers=5, attn_res_impl=impl, **PARITY_CASES[case])
@@ -77,7 +77,9 @@ def test_fp64_parity_with_independent_reference(reseed, case, impl):
 
     ours = logits_of(model, ids)
     (ours * upstream).sum().backward()
-    ref = attnres_gpt_logits(weights, ids, config.num_layers, HEADS, config.attn_res_sublayers_per_block)
+    ref = attnres_gpt_logits(
+        weights, ids, config.num_layers, HEADS, config.attn_res_sublayers_per_block, config.attn_res_eps
+    )
     (ref * upstream).sum().backward()
 
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)

@@ -8,8 +8,8 @@ Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
 * ``two_phase``: one block of ``S`` sublayers via :class:`TwoPhaseBlockAggregator` with
   ``n - 1`` completed blocks plus a partial per sublayer (``n`` sources each), cost / ``S``:
   the C++ kernels on CPU (``two_phase_eager``: the eager ATen passes, for comparison);
-* ``fused``: :func:`attnres_megatron.ops.triton_aggregate.aggregate_fused`: the Triton kernels
-  on CUDA, the C++ kernels of ``attnres_megatron.ops.cpu_fused`` on CPU.
+* ``fused``: ``--attn-res-impl fused`` as :mod:`attnres_megatron.ops.dispatch` resolves it: the
+  Triton kernels on CUDA, the C++ kernels of ``attnres_megatron.ops.cpu_fused`` on CPU.
 
 It also reports a memory-traffic lower bound: forward moves ``n`` source reads + 1 output
 write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from attnres_megatron.compat.cpu_malloc import retain_freed_memory
 from attnres_megatron.ops import aggregate, aggregate_reference
+from attnres_megatron.ops.dispatch import backend_for, backend_function
 from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
 
 EPS = 1e-6
@@ -122,34 +123,20 @@ def two_phase_block(
     leaves = [*blocks, *queries, *gains, *partials]
 
     def run() -> None:
-        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, kernels=kernels)
+        agg = TwoPhaseBlockAggregator(blocks, queries, gains, EPS, backend=kernels)
         outs = [agg.mix(j, partials[j]) for j in range(len(queries))]
         torch.autograd.grad(outs, leaves, [grad] * len(outs))
 
     return run
 
 
-def fused_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the fused kernels (Triton on CUDA, C++ on CPU) can be timed here, and why not."""
-    if device.type != "cuda":
-        from attnres_megatron.ops.triton_aggregate import runs_cpu_kernels
-
-        if not runs_cpu_kernels(torch.empty(0)):
-            return False, "fused kernels skipped: TRITON_INTERPRET=1 routes CPU tensors to the interpreter"
-        try:
-            from attnres_megatron.ops.cpu_extension import cpu_extension
-
-            cpu_extension()
-        except RuntimeError as exc:
-            return False, f"fused C++ kernels skipped: {exc}"
-        return True, ""
+def fused_function(device: torch.device) -> tuple[Optional[Callable], str]:
+    """The fused aggregation for ``device`` (C++ on CPU, Triton on CUDA), or why it is missing."""
     try:
-        from attnres_megatron.ops.triton_aggregate import require_triton
-
-        require_triton()
-    except ImportError as exc:
-        return False, f"fused Triton kernel skipped: {exc}"
-    return True, ""
+        backend = backend_for("fused", device.type, torch.float32)
+    except (ImportError, RuntimeError) as exc:
+        return None, f"fused kernels skipped: {exc}"
+    return backend_function(backend), ""
 
 
 BOUND_RATIOS = ("torch_ms", "two_phase_ms", "fused_ms")
@@ -218,13 +205,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     elt = torch.empty(0, dtype=dtype).element_size()
     tokens_bytes = args.seq * args.batch * args.hidden * elt
     copy_bytes = max(64 << 20, 4 * tokens_bytes)
-    use_fused, fused_note = fused_available(device)
+    fused, fused_note = fused_function(device)
     notes = [fused_note] if fused_note else []
     if args.quick:
         notes.append("--quick: aggregate_reference skipped, S=3, 2 repeats")
-    if use_fused:
-        from attnres_megatron.ops.triton_aggregate import aggregate_fused
-
     rows = []
     for n in args.sources:
         sources, queries, gains, partials, grad = make_inputs(n, shape, dtype, device, args.sublayers)
@@ -239,10 +223,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             fns["reference"] = single_call(aggregate_reference, sources, q, g, grad)
         if device.type == "cpu":
             fns["two_phase_eager_block"] = two_phase_block(
-                sources, queries, gains, partials, grad, kernels="eager"
+                sources, queries, gains, partials, grad, kernels="torch"
             )
-        if use_fused:
-            fns["fused"] = single_call(aggregate_fused, sources, q, g, grad)
+        if fused is not None:
+            fns["fused"] = single_call(fused, sources, q, g, grad)
         best = time_round_robin(fns, device, args.repeats, args.warmup)
         row["torch_ms"] = best["torch"]
         row["reference_ms"] = best.get("reference")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from attnres_megatron.config import AttnResTransformerConfig
 from attnres_megatron.layers.norms import _param_device
-from attnres_megatron.ops import aggregate_for
+from attnres_megatron.ops import one_pass_function
 
 
 class DepthAttention(MegatronModule):
@@ -31,7 +31,7 @@ class DepthAttention(MegatronModule):
         for param in (self.pseudo_query, self.key_gain):
             param.sequence_parallel = config.sequence_parallel
         self.eps = config.attn_res_eps
-        self._aggregate = aggregate_for(config.attn_res_impl)
+        self._aggregate = one_pass_function(config.attn_res_impl)
 
     def forward(self, sources: Sequence[Tensor]) -> Tensor:
         return self._aggregate(sources, self.pseudo_query, self.key_gain, self.eps)

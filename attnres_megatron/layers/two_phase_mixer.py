@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, MixerFactory
+from attnres_megatron.ops.dispatch import algorithm_for
 from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
 
 
@@ -62,7 +63,7 @@ def layer_depth_attention(layers) -> dict[int, DepthAttention]:
 
 def with_mixers(state: DepthState, layers, config) -> DepthState:
     """``state`` set up for ``config.attn_res_impl`` over ``layers`` (unchanged unless two-phase)."""
-    if config.attn_res_impl != "two-phase":
+    if algorithm_for(config.attn_res_impl) != "two-phase":
         return state
     factory = two_phase_factory(layer_depth_attention(layers), config.attn_res_sublayers_per_block)
     return replace(state, mixer_factory=factory, mixer=None)

@@ -1,4 +1,5 @@
-"""Fused Triton implementation of the AttnRes depth aggregation (``--attn-res-impl fused``).
+"""Fused Triton implementation of the AttnRes depth aggregation (``--attn-res-impl fused`` or
+``auto`` on GPU).
 
 Math per token (same as :func:`attnres_megatron.ops.reference.aggregate_reference`)::
 
@@ -44,7 +45,6 @@ CPU tensors work under ``TRITON_INTERPRET=1`` (used by the tests; not a performa
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +52,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-MAX_SOURCES = 128
+from attnres_megatron.ops.dispatch import MAX_TRITON_SOURCES
+
+MAX_SOURCES = MAX_TRITON_SOURCES
 """Largest number of sources one call accepts (the kernels loop over sources, unrolled or not
 as the compiler sees fit; the cap only bounds the per-call pointer tables)."""
 
@@ -453,12 +455,6 @@ class FusedAttnResAggregate(torch.autograd.Function):
         return (grad_query, grad_gain, None, None, *grad_sources)
 
 
-def runs_cpu_kernels(source: Tensor) -> bool:
-    """Whether ``aggregate_fused`` takes the C++ CPU kernels for ``source`` (CPU tensors, unless
-    ``TRITON_INTERPRET=1`` sends them to the Triton interpreter)."""
-    return not source.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def triton_cdiv(a: int, b: int) -> int:
     """Ceiling division (kept local so shape logic does not need Triton)."""
     return -(-a // b)
@@ -469,8 +465,8 @@ def aggregate_fused(
 ) -> Tensor:
     """Fused AttnRes aggregation of 1..128 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
 
-    GPU tensors run the Triton kernels (CPU tensors too under ``TRITON_INTERPRET=1``, a test
-    mode); other CPU tensors run the C++ kernels of :mod:`attnres_megatron.ops.cpu_fused`.
+    GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, a test
+    mode). Which kernels a model runs is decided in :mod:`attnres_megatron.ops.dispatch`.
 
     ``block_h`` overrides the hidden tile width (testing the two-pass path); by default the
     whole hidden row is one tile when ``next_pow2(h) <= MAX_SINGLE_TILE``.
@@ -479,9 +475,5 @@ def aggregate_fused(
         raise ValueError("AttnRes aggregation needs at least one source.")
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
-    if runs_cpu_kernels(sources[0]):
-        from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
-
-        return aggregate_cpu_fused(sources, query, gain, eps)
     require_triton()
     return FusedAttnResAggregate.apply(query, gain, eps, block_h, *sources)

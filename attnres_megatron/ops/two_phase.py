@@ -35,8 +35,6 @@ Autograd and memory
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -45,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnres_megatron.ops.dispatch import two_phase_backend
 from attnres_megatron.ops.reference import compute_dtype
 
 if TYPE_CHECKING:
@@ -277,35 +276,6 @@ def phase_two(
     )
 
 
-TWO_PHASE_KERNELS = ("auto", "cpp", "eager")
-"""``auto``: the C++ kernels for CPU tensors (eager if they cannot be built), eager ATen on GPU."""
-
-
-def use_cpp_kernels(kernels: str, blocks: Sequence[Tensor]) -> bool:
-    """Whether a block runs the C++ two-phase kernels (:mod:`attnres_megatron.ops.cpu_two_phase`)."""
-    if kernels not in TWO_PHASE_KERNELS:
-        raise ValueError(f"two-phase kernels must be one of {TWO_PHASE_KERNELS}, got {kernels!r}.")
-    if kernels == "eager" or not blocks or blocks[0].is_cuda:
-        return False
-    from attnres_megatron.ops.cpu_extension import cpu_extension
-
-    try:
-        cpu_extension()
-    except RuntimeError as exc:
-        if kernels == "cpp":
-            raise
-        _warn_eager_fallback(str(exc))
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_eager_fallback(reason: str) -> None:
-    warnings.warn(
-        f"--attn-res-impl two-phase runs the slower eager ATen passes on CPU: {reason}", stacklevel=3
-    )
-
-
 class TwoPhaseBlockAggregator:
     """Per-block driver: phase 1 at construction, then :meth:`mix` per sublayer.
 
@@ -314,8 +284,9 @@ class TwoPhaseBlockAggregator:
     Parameters, or ``[S, h]`` tensors). Phase 1 uses detached copies; gradients reach the
     originals through :meth:`mix`.
 
-    ``kernels`` (see :data:`TWO_PHASE_KERNELS`) picks the C++ CPU kernels or the eager ATen
-    passes; both compute the same function and gradients.
+    ``backend`` (``auto``, ``cpp`` or ``torch``, resolved by
+    :func:`attnres_megatron.ops.dispatch.two_phase_backend`) picks the C++ CPU kernels or the
+    eager ATen passes; both compute the same function and gradients.
 
     With ``release_after_last`` (default) the fp32 phase-1 accumulators are dropped once every
     sublayer has been mixed; pass ``False`` when the layer loop may call :meth:`mix` again
@@ -329,7 +300,7 @@ class TwoPhaseBlockAggregator:
         gains: Sequence[Tensor] | Tensor,
         eps: float,
         release_after_last: bool = True,
-        kernels: str = "auto",
+        backend: str = "auto",
     ) -> None:
         self.release_after_last = release_after_last
         self.queries = list(queries)
@@ -339,7 +310,7 @@ class TwoPhaseBlockAggregator:
         self.eps = eps
         self._cpp: Optional[CppTwoPhaseBlock] = None
         self._stats: Optional[InterBlockStats] = None
-        if use_cpp_kernels(kernels, blocks):
+        if two_phase_backend(backend, blocks) == "cpp":
             from attnres_megatron.ops.cpu_two_phase import CppTwoPhaseBlock
 
             self._cpp = CppTwoPhaseBlock(blocks, self.queries, self.gains, eps)

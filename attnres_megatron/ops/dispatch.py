@@ -1,0 +1,209 @@
+"""The one place that decides how the AttnRes depth aggregation runs.
+
+Two separate choices:
+
+* **algorithm**, once per model (from the config): ``one-pass`` (each sublayer mixes all its
+  sources in one call) or ``two-phase`` (paper Algorithm 1: the inter-block part of a block's
+  ``S`` sublayers in one batched pass, then a per-sublayer merge of the partial sum; Block
+  AttnRes only, see :mod:`attnres_megatron.ops.two_phase`);
+* **backend**, per call (from the tensors' device and dtype): ``reference`` (plain autograd),
+  ``torch`` (the memory-lean eager ATen op), ``cpp`` (the C++ kernels, CPU tensors) or
+  ``triton`` (the Triton kernels, CUDA tensors; CPU tensors run Triton's interpreter, a test
+  mode only reached by asking for it with :func:`one_pass_function`).
+
+``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, is the fastest
+correct choice measured in ``docs/benchmarks.md``: one pass with the C++ kernels on CPU (the
+eager op if the C++ toolchain cannot build them), the Triton kernels on GPU (the eager op
+without Triton or for fp64). Two-phase is never faster at the shapes measured there, so
+``auto`` uses it only when asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ATTN_RES_IMPLS = ("auto", "torch", "fused", "two-phase", "reference")
+"""Values of ``--attn-res-impl``."""
+
+ALGORITHMS = ("one-pass", "two-phase")
+BACKENDS = ("reference", "torch", "cpp", "triton")
+MAX_TRITON_SOURCES = 128
+"""Most sources one Triton call takes (``triton_aggregate.MAX_SOURCES``, kept here so the choice
+does not import Triton)."""
+TWO_PHASE_BACKENDS = ("auto", "cpp", "torch")
+"""Backends of the two-phase passes (``auto``: C++ on CPU tensors when built, else eager)."""
+
+IMPL_TABLE = {
+    # impl: (algorithm, CPU backend, GPU backend); "best" = C++ on CPU / Triton on GPU, else torch.
+    "auto": ("one-pass", "best", "best"),
+    "torch": ("one-pass", "torch", "torch"),
+    "fused": ("one-pass", "cpp", "triton"),
+    "two-phase": ("two-phase", "cpp", "torch"),
+    "reference": ("one-pass", "reference", "reference"),
+}
+
+BACKEND_NAMES = {
+    "reference": "the plain-autograd reference",
+    "torch": "the eager ATen op",
+    "cpp": "the C++ kernels",
+    "triton": "the Triton kernels",
+}
+
+
+def validate_impl(impl: str) -> None:
+    """``ValueError`` naming ``--attn-res-impl`` for an unknown value."""
+    if impl not in IMPL_TABLE:
+        raise ValueError(f"--attn-res-impl must be one of {', '.join(ATTN_RES_IMPLS)}; got {impl!r}.")
+
+
+def algorithm_for(impl: str) -> str:
+    """The algorithm ``--attn-res-impl impl`` runs (``one-pass`` or ``two-phase``)."""
+    validate_impl(impl)
+    return IMPL_TABLE[impl][0]
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton imports (checked once)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def cpp_build_error() -> str | None:
+    """``None`` when the C++ CPU kernels are built (building them on first call), else why not."""
+    from attnres_megatron.ops.cpu_extension import cpu_extension
+
+    try:
+        cpu_extension()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+@functools.cache
+def _warn_fallback(what: str, reason: str) -> None:
+    warnings.warn(f"{what} runs the slower eager ATen op: {reason}", stacklevel=4)
+
+
+def backend_for(impl: str, device_type: str, dtype: torch.dtype, num_sources: int = 1) -> str:
+    """The backend ``--attn-res-impl impl`` uses for ``num_sources`` tensors of ``device_type``
+    and ``dtype``.
+
+    An explicit ``fused`` raises when its kernels are missing; ``auto`` and ``two-phase`` fall
+    back to the eager op with a warning naming the reason (``auto`` also for fp64 or more
+    sources than the Triton kernels take on GPU).
+    """
+    validate_impl(impl)
+    algorithm, cpu, gpu = IMPL_TABLE[impl]
+    wanted = cpu if device_type == "cpu" else gpu
+    if wanted in ("reference", "torch"):
+        return wanted
+    if device_type != "cpu":
+        if dtype == torch.float64 or not triton_available() or num_sources > MAX_TRITON_SOURCES:
+            if impl == "fused":
+                _raise_missing_triton(dtype)
+            return "torch"
+        return "triton"
+    error = cpp_build_error()
+    if error is None:
+        return "cpp"
+    if impl == "fused":
+        raise RuntimeError(error)
+    _warn_fallback(f"--attn-res-impl {impl} on CPU", error)
+    return "torch"
+
+
+def _raise_missing_triton(dtype: torch.dtype) -> None:
+    from attnres_megatron.ops.triton_aggregate import TRITON_MISSING_MESSAGE
+
+    if dtype == torch.float64:
+        raise TypeError(
+            "--attn-res-impl fused runs fp32/bf16/fp16 on GPU; use --attn-res-impl auto for fp64."
+        )
+    raise ImportError(TRITON_MISSING_MESSAGE)
+
+
+def two_phase_backend(requested: str, blocks: Sequence[Tensor]) -> str:
+    """``cpp`` or ``torch`` for a two-phase block over ``blocks`` (``requested``: one of
+    :data:`TWO_PHASE_BACKENDS`; an explicit ``cpp`` raises when the kernels cannot be built)."""
+    if requested not in TWO_PHASE_BACKENDS:
+        raise ValueError(f"two-phase backend must be one of {TWO_PHASE_BACKENDS}, got {requested!r}.")
+    if requested == "torch" or not blocks or blocks[0].device.type != "cpu":
+        return "torch"
+    if requested == "cpp":
+        from attnres_megatron.ops.cpu_extension import cpu_extension
+
+        cpu_extension()
+        return "cpp"
+    return backend_for("two-phase", "cpu", blocks[0].dtype)
+
+
+def backend_function(backend: str) -> Callable:
+    """The single-call aggregation ``fn(sources, query, gain, eps)`` of ``backend``."""
+    if backend == "reference":
+        from attnres_megatron.ops.reference import aggregate_reference
+
+        return aggregate_reference
+    if backend == "torch":
+        from attnres_megatron.ops.aggregate import aggregate
+
+        return aggregate
+    if backend == "cpp":
+        from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
+
+        return aggregate_cpu_fused
+    if backend == "triton":
+        from attnres_megatron.ops.triton_aggregate import aggregate_fused
+
+        return aggregate_fused
+    raise ValueError(f"unknown aggregation backend {backend!r}; one of {', '.join(BACKENDS)}.")
+
+
+def one_pass_function(impl: str) -> Callable:
+    """The single-call aggregation of ``--attn-res-impl impl``: picks the backend per call from
+    the first source's device and dtype (one of :data:`BACKENDS` may be given directly)."""
+    if impl in BACKENDS:
+        return backend_function(impl)
+    validate_impl(impl)
+
+    def aggregate_sources(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float) -> Tensor:
+        if len(sources) == 0:
+            raise ValueError("AttnRes aggregation needs at least one source.")
+        backend = backend_for(impl, sources[0].device.type, sources[0].dtype, len(sources))
+        return backend_function(backend)(sources, query, gain, eps)
+
+    return aggregate_sources
+
+
+@dataclass(frozen=True)
+class AggregationChoice:
+    """What ``--attn-res-impl`` resolves to for one device and dtype (for the log line)."""
+
+    impl: str
+    algorithm: str
+    backend: str
+    device_type: str
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"AttnRes aggregation: --attn-res-impl {self.impl} -> {self.algorithm} with "
+            f"{BACKEND_NAMES[self.backend]} ({self.device_type}, {dtype})"
+        )
+
+
+def choose(impl: str, device_type: str, dtype: torch.dtype) -> AggregationChoice:
+    """The algorithm and backend ``impl`` runs on ``device_type`` with ``dtype``."""
+    algorithm = algorithm_for(impl)
+    if algorithm == "two-phase":
+        backend = "cpp" if device_type == "cpu" and cpp_build_error() is None else "torch"
+    else:
+        backend = backend_for(impl, device_type, dtype)
+    return AggregationChoice(impl, algorithm, backend, device_type, dtype)

@@ -1,0 +1,157 @@
+"""``--attn-res-impl``: one dispatch decides algorithm and backend; ``auto`` picks as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnres_megatron.ops import dispatch
+from attnres_megatron.ops.dispatch import (
+    ATTN_RES_IMPLS,
+    algorithm_for,
+    backend_for,
+    choose,
+    one_pass_function,
+)
+from attnres_megatron.ops.reference import aggregate_reference
+
+EPS = 1e-6
+
+
+def fp64_oracle(sources, query, gain, grad):
+    """Output and gradients of the plain-autograd reference on fp64 copies."""
+    leaves = [t.detach().double().requires_grad_() for t in (query, gain, *sources)]
+    out = aggregate_reference(leaves[2:], leaves[0], leaves[1], EPS)
+    return out, torch.autograd.grad(out, leaves, grad.double())
+
+
+def inputs(n: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    sources = [
+        (torch.randn(7, 2, 24, generator=generator) * (1 + i)).to(dtype).requires_grad_() for i in range(n)
+    ]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    query = torch.randn(24, generator=generator, dtype=stats).requires_grad_()
+    gain = (torch.rand(24, generator=generator, dtype=stats) + 0.5).requires_grad_()
+    return sources, query, gain, torch.randn(7, 2, 24, generator=generator).to(dtype)
+
+
+def test_every_impl_has_an_algorithm():
+    assert {impl: algorithm_for(impl) for impl in ATTN_RES_IMPLS} == {
+        "auto": "one-pass",
+        "torch": "one-pass",
+        "fused": "one-pass",
+        "two-phase": "two-phase",
+        "reference": "one-pass",
+    }
+    with pytest.raises(ValueError, match="--attn-res-impl must be one of auto"):
+        algorithm_for("fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_auto_on_cpu_runs_the_cpp_kernels(dtype):
+    assert backend_for("auto", "cpu", dtype) == "cpp"
+    assert (
+        choose("auto", "cpu", dtype)
+        .describe()
+        .startswith("AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels (cpu, ")
+    )
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("n", [1, 2, 5, 9])
+def test_auto_equals_the_reference(n, dtype, tol):
+    sources, query, gain, grad = inputs(n, dtype, seed=n)
+    out = one_pass_function("auto")(sources, query, gain, EPS)
+    grads = torch.autograd.grad(out, [query, gain, *sources], grad)
+    want_out, want_grads = fp64_oracle(sources, query, gain, grad)
+    torch.testing.assert_close(out.double(), want_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_auto_and_fused_are_the_cpp_kernels_bitwise_on_cpu():
+    from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
+
+    sources, query, gain, _ = inputs(4, torch.float32, seed=3)
+    want = aggregate_cpu_fused(sources, query, gain, EPS)
+    for impl in ("auto", "fused"):
+        assert torch.equal(one_pass_function(impl)(sources, query, gain, EPS), want)
+
+
+def test_auto_without_a_cpp_toolchain_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpp_build_error", lambda: "no C++ compiler")
+    dispatch._warn_fallback.cache_clear()
+    with pytest.warns(UserWarning, match="--attn-res-impl auto on CPU runs the slower eager ATen op: no C"):
+        assert backend_for("auto", "cpu", torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        backend_for("fused", "cpu", torch.float32)
+    sources, query, gain, _ = inputs(3, torch.float32)
+    torch.testing.assert_close(
+        one_pass_function("auto")(sources, query, gain, EPS), aggregate_reference(sources, query, gain, EPS)
+    )
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype", "sources", "triton", "want"),
+    [
+        ("auto", torch.bfloat16, 9, True, "triton"),
+        ("auto", torch.float32, 9, False, "torch"),
+        ("auto", torch.float64, 9, True, "torch"),
+        ("auto", torch.float32, 129, True, "torch"),
+        ("fused", torch.bfloat16, 9, True, "triton"),
+        ("two-phase", torch.bfloat16, 9, True, "torch"),
+        ("torch", torch.bfloat16, 9, True, "torch"),
+        ("reference", torch.bfloat16, 9, True, "reference"),
+    ],
+)
+def test_choice_for_gpu_tensors(monkeypatch, impl, dtype, sources, triton, want):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: triton)
+    assert backend_for(impl, "cuda", dtype, sources) == want
+
+
+def test_fused_on_gpu_without_triton_names_the_install(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    with pytest.raises(ImportError, match=r"attnres-megatron\[triton\]"):
+        backend_for("fused", "cuda", torch.bfloat16)
+    with pytest.raises(TypeError, match="fp64"):
+        backend_for("fused", "cuda", torch.float64)
+
+
+def test_gpu_tensor_path_is_dispatched_per_call(monkeypatch):
+    """A faked CUDA device: the call goes to the Triton function, which here is a stand-in."""
+    calls = []
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    real = dispatch.backend_function
+
+    def recording(backend):
+        calls.append(backend)
+        return real("reference")
+
+    monkeypatch.setattr(dispatch, "backend_function", recording)
+
+    class FakeDevice:
+        type = "cuda"
+
+    class FakeTensor(torch.Tensor):
+        @property
+        def device(self):  # noqa: D102
+            return FakeDevice()
+
+    sources, query, gain, _ = inputs(2, torch.float32)
+    fake = [s.detach().as_subclass(FakeTensor) for s in sources]
+    one_pass_function("auto")(fake, query, gain, EPS)
+    assert calls == ["triton"]
+
+
+def test_two_phase_choice_and_layer_wiring():
+    from attnres_megatron.config import AttnResTransformerConfig
+
+    assert choose("two-phase", "cpu", torch.float32).describe() == (
+        "AttnRes aggregation: --attn-res-impl two-phase -> two-phase with the C++ kernels (cpu, float32)"
+    )
+    assert choose("two-phase", "cuda", torch.bfloat16).backend == "torch"
+    fields = dict(num_layers=4, hidden_size=8, num_attention_heads=2, attention_residuals="block", attn_res_num_blocks=2)
+    assert AttnResTransformerConfig(**fields).attn_res_impl == "auto"
+    with pytest.raises(ValueError, match="--attn-res-impl must be one of"):
+        AttnResTransformerConfig(**fields, attn_res_impl="cuda")
