@@ -33,14 +33,18 @@ def test_bench_memory_reports_every_variant_and_the_target(single_rank, tools_pa
 
 def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
     bench = load_tool("bench_step")
-    result = bench.main([*TINY, "--steps", "2", "--warmup", "1", "--impls", "torch"])
+    result = bench.main([*TINY, "--steps", "3", "--warmup", "1", "--impls", "torch", "auto"])
     rows = {(row["variant"], row["impl"]): row for row in result["rows"]}
-    assert set(rows) == {("baseline", "torch"), ("block", "torch"), ("full", "torch")}
-    baseline = rows["baseline", "torch"]["step_ms"]
+    attn_res = {(v, i) for v in ("block", "full") for i in ("torch", "auto")}
+    assert set(rows) == {("baseline", "torch")} | attn_res
+    baseline = rows["baseline", "torch"]["samples_ms"]
     for row in rows.values():
-        assert len(row["samples_ms"]) == 2
-        assert row["ratio_to_baseline"] == pytest.approx(row["step_ms"] / baseline)
+        assert len(row["samples_ms"]) == 3
+        ratios = sorted(t / b for t, b in zip(row["samples_ms"], baseline))  # the same rounds
+        assert row["ratio_to_baseline"] == pytest.approx(ratios[1])
+        assert row["ratio_range"] == pytest.approx([ratios[0], ratios[2]])
         assert 0 < row["fwd_bwd_ms"] <= row["step_ms"]
+    assert rows["baseline", "torch"]["ratio_to_baseline"] == 1.0
 
 
 def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):

@@ -37,7 +37,7 @@ def inputs(n: int, dtype: torch.dtype, seed: int = 0):
 
 
 def test_every_impl_has_an_algorithm():
-    assert {impl: algorithm_for(impl) for impl in ATTN_RES_IMPLS} == {
+    assert {impl: algorithm_for(impl, "full") for impl in ATTN_RES_IMPLS} == {
         "auto": "one-pass",
         "torch": "one-pass",
         "fused": "one-pass",
@@ -48,14 +48,31 @@ def test_every_impl_has_an_algorithm():
         algorithm_for("fast")
 
 
+@pytest.mark.parametrize(
+    ("mode", "device_type", "recompute", "want"),
+    [
+        ("block", "cpu", False, "two-phase"),
+        ("block", "cpu", True, "one-pass"),  # two-phase frees its statistics: no recompute
+        ("full", "cpu", False, "one-pass"),
+        ("block", "cuda", False, "one-pass"),
+    ],
+)
+def test_auto_algorithm(mode, device_type, recompute, want):
+    assert algorithm_for("auto", mode, device_type, recompute) == want
+
+
+def test_auto_block_on_cpu_without_cpp_is_one_pass(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpp_build_error", lambda: "no C++ compiler")
+    assert algorithm_for("auto", "block", "cpu") == "one-pass"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_auto_on_cpu_runs_the_cpp_kernels(dtype):
     assert backend_for("auto", "cpu", dtype) == "cpp"
-    assert (
-        choose("auto", "cpu", dtype)
-        .describe()
-        .startswith("AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels (cpu, ")
-    )
+    prefix = "AttnRes aggregation: --attn-res-impl auto -> "
+    full, block = (choose("auto", "cpu", dtype, mode).describe() for mode in ("full", "block"))
+    assert full.startswith(prefix + "one-pass with the C++ kernels (cpu, ")
+    assert block.startswith(prefix + "two-phase with the C++ kernels (cpu, ")
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -151,7 +168,9 @@ def test_two_phase_choice_and_layer_wiring():
         "AttnRes aggregation: --attn-res-impl two-phase -> two-phase with the C++ kernels (cpu, float32)"
     )
     assert choose("two-phase", "cuda", torch.bfloat16).backend == "torch"
-    fields = dict(num_layers=4, hidden_size=8, num_attention_heads=2, attention_residuals="block", attn_res_num_blocks=2)
+    fields = dict(
+        num_layers=4, hidden_size=8, num_attention_heads=2, attention_residuals="block", attn_res_num_blocks=2
+    )
     assert AttnResTransformerConfig(**fields).attn_res_impl == "auto"
     with pytest.raises(ValueError, match="--attn-res-impl must be one of"):
         AttnResTransformerConfig(**fields, attn_res_impl="cuda")

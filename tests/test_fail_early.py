@@ -115,13 +115,10 @@ def test_missing_optional_packages_are_named_before_any_work(pretrain_refusal, m
         early_checks.validate_optional_packages(args)
     monkeypatch.undo()
 
-    from attnres_megatron.ops import triton_aggregate
-
-    def no_triton():
-        raise ImportError(triton_aggregate.TRITON_MISSING_MESSAGE)
+    from attnres_megatron.ops import dispatch
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(triton_aggregate, "require_triton", no_triton)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     args = argparse.Namespace(
         tensorboard_dir=None, transformer_impl="local", attn_res_impl="fused", device="auto"
     )

@@ -13,10 +13,11 @@ Compares, for ``n`` sources at ``[s, b, h]`` (default ``[2048, 1, 2304]``):
 
 It also reports a memory-traffic lower bound: forward moves ``n`` source reads + 1 output
 write, backward ``n`` source reads + 1 grad read + ``n`` source-grad writes, i.e.
-``(3 n + 2) * T * h * bytes``, divided by the copy bandwidth (``2 * bytes / time`` of a large
-``Tensor.copy_``) measured in the same run: per row, the copy and every implementation are
-timed in rounds (each called once per round), and each keeps its best time, so a drift of
-the machine's bandwidth during the run affects the bound and the ops alike.
+``(3 n + 2) * T * h * bytes``, divided by the copy bandwidth of the same bytes: a
+``Tensor.copy_`` of each of the row's own sources and its gradient into buffers of their own
+(``2 * bytes / time``). Per row, the copy and every implementation are timed in rounds (each
+called once per round), and each keeps its best time, so a drift of the machine's bandwidth
+during the run affects the bound and the ops alike; the bandwidth is reported per row.
 
 On CPU, ``--malloc retain`` (default) applies
 :func:`attnres_megatron.compat.cpu_malloc.retain_freed_memory`, as CPU training does, so
@@ -75,11 +76,18 @@ def time_round_robin(
     return best
 
 
-def tensor_copy(device: torch.device, nbytes: int) -> Callable[[], Any]:
-    """Closure copying a ``nbytes`` fp32 tensor (the bandwidth reference: ``2 * nbytes`` moved)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+def same_bytes_copy(tensors: list[Tensor]) -> tuple[Callable[[], Any], int]:
+    """Closure copying ``tensors`` (the op's sources and gradient) into buffers of their own, and
+    the bytes it moves (each read once, each copy written once): the bandwidth reference, on
+    the op's own working set."""
+    targets = [torch.empty_like(t).fill_(0.0) for t in tensors]
+
+    def copy() -> None:
+        with torch.no_grad():
+            for target, tensor in zip(targets, tensors):
+                target.copy_(tensor)
+
+    return copy, 2 * sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_inputs(
@@ -150,20 +158,19 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table of the results."""
     lines = [
         f"Forward+backward, best of {meta['repeats']} rounds (ms); shape {meta['shape']}, {meta['dtype']}, "
-        f"device {meta['device']}, S={meta['sublayers']}, malloc {meta['malloc']}, "
-        f"copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s (median of the rows' own).",
+        f"device {meta['device']}, S={meta['sublayers']}, malloc {meta['malloc']}; bound = bytes moved / "
+        "best copy bandwidth of the row's own sources and gradient, timed in the same rounds.",
         "",
         "| n | torch `aggregate` | `aggregate_reference` | two-phase (per sublayer) | two-phase eager "
-        "| fused | traffic bound | torch / bound | two-phase / bound | fused / bound |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fused | copy GB/s | traffic bound | torch / bound | two-phase / bound | fused / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratios = [r[key] / r["bound_ms"] if r[key] is not None else None for key in BOUND_RATIOS]
         lines.append(
             f"| {r['n']} | {fmt(r['torch_ms'])} | {fmt(r['reference_ms'])} | {fmt(r['two_phase_ms'])} "
-            f"| {fmt(r['two_phase_eager_ms'])} | {fmt(r['fused_ms'])} | {fmt(r['bound_ms'])} | "
-            + " | ".join(f"{fmt(x)}x" for x in ratios)
-            + " |"
+            f"| {fmt(r['two_phase_eager_ms'])} | {fmt(r['fused_ms'])} | {r['copy_bandwidth_gbs']:.1f} "
+            f"| {fmt(r['bound_ms'])} | " + " | ".join(f"{fmt(x)}x" for x in ratios) + " |"
         )
     for note in meta["notes"]:
         lines.append(f"\nNote: {note}")
@@ -204,7 +211,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     shape = (args.seq, args.batch, args.hidden)
     elt = torch.empty(0, dtype=dtype).element_size()
     tokens_bytes = args.seq * args.batch * args.hidden * elt
-    copy_bytes = max(64 << 20, 4 * tokens_bytes)
     fused, fused_note = fused_function(device)
     notes = [fused_note] if fused_note else []
     if args.quick:
@@ -214,8 +220,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         sources, queries, gains, partials, grad = make_inputs(n, shape, dtype, device, args.sublayers)
         q, g = queries[0], gains[0]
         row: dict[str, Any] = {"n": n}
+        copy, copy_bytes = same_bytes_copy([*sources, grad])
         fns = {
-            "copy": tensor_copy(device, copy_bytes),
+            "copy": copy,
             "torch": single_call(aggregate, sources, q, g, grad),
             "two_phase_block": two_phase_block(sources, queries, gains, partials, grad),
         }

@@ -3,8 +3,11 @@
 
 Every variant is built once; steps (forward, loss, backward, AdamW update) then run
 round-robin over the variants, so slow drifts of a shared machine hit all of them alike.
-Reported: the median step time per variant and its ratio to the baseline's median, and the
-forward+backward share of it. AttnRes variants run with each ``--impls`` aggregation.
+Reported per variant: the median step time, the forward+backward share of it, and the ratio
+to the baseline as the median of the per-round ratios (each variant's step divided by the
+baseline's step of the same round) with their minimum and maximum, so a drift of the machine
+shows as spread instead of bias. AttnRes variants run with each ``--impls`` aggregation
+(``auto``, the default, is what a user gets without the flag).
 
 Example::
 
@@ -59,16 +62,23 @@ def variants(impls: list[str], kinds: list[str]) -> list[tuple[str, str]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | impl | step median (ms) | fwd+bwd median (ms) | step / baseline |",
+        "| variant | impl | step median (ms) | fwd+bwd median (ms) "
+        "| step / baseline: median of rounds [min-max] |",
         "|---|---|---:|---:|---:|",
     ]
     for row in rows:
         impl = row["impl"] if row["variant"] != "baseline" else "-"
+        low, high = row["ratio_range"]
         lines.append(
             f"| {row['variant']} | {impl} | {row['step_ms']:.1f} | {row['fwd_bwd_ms']:.1f} | "
-            f"{row['ratio_to_baseline']:.3f} |"
+            f"{row['ratio_to_baseline']:.3f} [{low:.3f}-{high:.3f}] |"
         )
     return "\n".join(lines)
+
+
+def round_ratios(timings: list[float], baseline: list[float]) -> list[float]:
+    """Per-round ratios of a variant's step to the baseline's step of the same round."""
+    return [t / b for t, b in zip(timings, baseline)]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -76,7 +86,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     add_shape_args(parser)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
-        "--impls", nargs="+", default=["torch", "two-phase", "fused"], help="AttnRes aggregations to time"
+        "--impls",
+        nargs="+",
+        default=["auto", "torch", "two-phase"],
+        help="AttnRes aggregations to time (--attn-res-impl values)",
     )
     parser.add_argument(
         "--variants",
@@ -110,18 +123,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 samples[key].append(timing)
         print(f"round {index + 1}/{args.warmup + args.steps}", flush=True)
 
-    baseline = statistics.median([total for _, total in samples["baseline", "torch"]])
+    baseline = [total for _, total in samples["baseline", "torch"]]
     rows = []
     for (variant, impl), timings in samples.items():
-        step_ms = statistics.median([total for _, total in timings]) * 1e3
+        totals = [total for _, total in timings]
+        ratios = round_ratios(totals, baseline)
         rows.append(
             {
                 "variant": variant,
                 "impl": impl,
-                "step_ms": step_ms,
+                "step_ms": statistics.median(totals) * 1e3,
                 "fwd_bwd_ms": statistics.median([fb for fb, _ in timings]) * 1e3,
-                "ratio_to_baseline": step_ms / (baseline * 1e3),
-                "samples_ms": [total * 1e3 for _, total in timings],
+                "ratio_to_baseline": statistics.median(ratios),
+                "ratio_range": [min(ratios), max(ratios)],
+                "round_ratios": ratios,
+                "samples_ms": [total * 1e3 for total in totals],
             }
         )
     device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -33,5 +34,9 @@ class DepthAttention(MegatronModule):
         self.eps = config.attn_res_eps
         self._aggregate = one_pass_function(config.attn_res_impl)
 
-    def forward(self, sources: Sequence[Tensor]) -> Tensor:
+    def forward(self, sources: Sequence[Tensor], mix: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        """The mix of ``sources``; ``mix`` computes it instead when a two-phase block mixer
+        already holds this sublayer's statistics (same value, one call for the hooks)."""
+        if mix is not None:
+            return mix()
         return self._aggregate(sources, self.pseudo_query, self.key_gain, self.eps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Optional, Protocol
@@ -62,17 +63,18 @@ class DepthState:
         partial = output if self.partial is None else self.partial + output
         return replace(self, partial=partial)
 
-    def mix(
-        self, sublayer: int, depth_attention: Callable[[list[Tensor]], Tensor]
-    ) -> tuple[DepthState, Tensor]:
-        """Input of ``sublayer``: ``depth_attention`` over the sources, or the block mixer's
-        result when one is configured (the state then remembers the block's mixer)."""
+    def mix(self, sublayer: int, depth_attention: Callable[..., Tensor]) -> tuple[DepthState, Tensor]:
+        """Input of ``sublayer``: ``depth_attention`` over the sources; when a block mixer is
+        configured (the state then remembers the block's mixer), ``depth_attention`` is called
+        with ``mix=`` the mixer's result, so its hooks (diagnostics, NVTX) still see every call."""
         if self.mixer_factory is None:
             return self, depth_attention(self.sources())
         state = self
         if self.mixer is None or not self.mixer.serves(len(self.blocks), sublayer):
             state = replace(self, mixer=self.mixer_factory(sublayer, self.blocks))
-        return state, state.mixer.mix(sublayer, self.partial)
+        return state, depth_attention(
+            self.sources(), mix=functools.partial(state.mixer.mix, sublayer, self.partial)
+        )
 
 
 def seals_before(sublayer: int, sublayers_per_block: int) -> bool:

@@ -1,4 +1,5 @@
-"""Two-phase block mixing (``--attn-res-impl two-phase``) for the sublayers a block owns."""
+"""Two-phase block mixing (``--attn-res-impl two-phase``, or ``auto`` where it wins) for the
+sublayers a block owns."""
 
 from __future__ import annotations
 
@@ -63,7 +64,12 @@ def layer_depth_attention(layers) -> dict[int, DepthAttention]:
 
 def with_mixers(state: DepthState, layers, config) -> DepthState:
     """``state`` set up for ``config.attn_res_impl`` over ``layers`` (unchanged unless two-phase)."""
-    if algorithm_for(config.attn_res_impl) != "two-phase":
+    sources = state.sources()
+    device_type = sources[0].device.type if sources else "cpu"
+    algorithm = algorithm_for(
+        config.attn_res_impl, config.attention_residuals, device_type, config.attn_res_recompute
+    )
+    if algorithm != "two-phase":
         return state
     factory = two_phase_factory(layer_depth_attention(layers), config.attn_res_sublayers_per_block)
     return replace(state, mixer_factory=factory, mixer=None)

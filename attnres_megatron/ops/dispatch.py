@@ -12,10 +12,10 @@ Two separate choices:
   mode only reached by asking for it with :func:`one_pass_function`).
 
 ``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, is the fastest
-correct choice measured in ``docs/benchmarks.md``: one pass with the C++ kernels on CPU (the
-eager op if the C++ toolchain cannot build them), the Triton kernels on GPU (the eager op
-without Triton or for fp64). Two-phase is never faster at the shapes measured there, so
-``auto`` uses it only when asked.
+correct choice measured in ``docs/benchmarks.md``: on CPU the C++ kernels (the eager op if the
+C++ toolchain cannot build them), two-phase for Block AttnRes (:data:`AUTO_TWO_PHASE`) and one
+pass for Full; on GPU one pass with the Triton kernels (the eager op without Triton, for fp64
+or beyond the kernels' source count).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ does not import Triton)."""
 TWO_PHASE_BACKENDS = ("auto", "cpp", "torch")
 """Backends of the two-phase passes (``auto``: C++ on CPU tensors when built, else eager)."""
 
+AUTO_TWO_PHASE = {"cpu": True, "cuda": False}
+"""Device types where ``auto`` runs Block AttnRes two-phase (measured: ``docs/benchmarks.md``)."""
+
 IMPL_TABLE = {
     # impl: (algorithm, CPU backend, GPU backend); "best" = C++ on CPU / Triton on GPU, else torch.
     "auto": ("one-pass", "best", "best"),
@@ -63,10 +66,23 @@ def validate_impl(impl: str) -> None:
         raise ValueError(f"--attn-res-impl must be one of {', '.join(ATTN_RES_IMPLS)}; got {impl!r}.")
 
 
-def algorithm_for(impl: str) -> str:
-    """The algorithm ``--attn-res-impl impl`` runs (``one-pass`` or ``two-phase``)."""
+def algorithm_for(
+    impl: str, attention_residuals: str = "block", device_type: str = "cpu", attn_res_recompute: bool = False
+) -> str:
+    """The algorithm ``--attn-res-impl impl`` runs (``one-pass`` or ``two-phase``) for a model in
+    mode ``attention_residuals`` whose tensors live on ``device_type``.
+
+    ``auto`` takes two-phase where it wins (:data:`AUTO_TWO_PHASE`): Block AttnRes on CPU with
+    the C++ kernels built, unless the aggregation is recomputed (two-phase frees its block
+    statistics after the forward).
+    """
     validate_impl(impl)
-    return IMPL_TABLE[impl][0]
+    if impl != "auto":
+        return IMPL_TABLE[impl][0]
+    wins = AUTO_TWO_PHASE.get(device_type, False) and attention_residuals == "block"
+    if wins and not attn_res_recompute and cpp_build_error() is None:
+        return "two-phase"
+    return "one-pass"
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,9 +215,15 @@ class AggregationChoice:
         )
 
 
-def choose(impl: str, device_type: str, dtype: torch.dtype) -> AggregationChoice:
+def choose(
+    impl: str,
+    device_type: str,
+    dtype: torch.dtype,
+    attention_residuals: str = "block",
+    attn_res_recompute: bool = False,
+) -> AggregationChoice:
     """The algorithm and backend ``impl`` runs on ``device_type`` with ``dtype``."""
-    algorithm = algorithm_for(impl)
+    algorithm = algorithm_for(impl, attention_residuals, device_type, attn_res_recompute)
     if algorithm == "two-phase":
         backend = "cpp" if device_type == "cpu" and cpp_build_error() is None else "torch"
     else:

@@ -253,9 +253,9 @@ def validate_optional_packages(args: argparse.Namespace) -> None:
         import torch
 
         if torch.cuda.is_available():  # CPU tensors run the C++ kernels instead
-            from attnres_megatron.ops.triton_aggregate import require_triton
+            from attnres_megatron.ops.dispatch import backend_for
 
             try:
-                require_triton()
+                backend_for("fused", "cuda", torch.float32)
             except ImportError as error:
-                fail(f"{error}; or pick another --attn-res-impl (torch, two-phase).")
+                fail(f"{error}; or pick another --attn-res-impl (auto, torch, two-phase).")
