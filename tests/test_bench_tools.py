@@ -33,7 +33,9 @@ def test_bench_memory_reports_every_variant_and_the_target(single_rank, tools_pa
 
 def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
     bench = load_tool("bench_step")
-    result = bench.main([*TINY, "--steps", "3", "--warmup", "1", "--impls", "torch", "auto"])
+    result = bench.main(
+        [*TINY, "--steps", "3", "--warmup", "1", "--impls", "torch", "auto", "--op-profile-steps", "1"]
+    )
     rows = {(row["variant"], row["impl"]): row for row in result["rows"]}
     attn_res = {(v, i) for v in ("block", "full") for i in ("torch", "auto")}
     assert set(rows) == {("baseline", "torch")} | attn_res
@@ -45,6 +47,13 @@ def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
         assert row["ratio_range"] == pytest.approx([ratios[0], ratios[2]])
         assert 0 < row["fwd_bwd_ms"] <= row["step_ms"]
     assert rows["baseline", "torch"]["ratio_to_baseline"] == 1.0
+    profile = result["op_profile"]["block (auto)"]
+    assert profile[-1]["op"] == "total (all ops)"
+    for row in profile:
+        assert row["extra_ms"] == pytest.approx(row["variant_ms"] - row["baseline_ms"])
+    assert [row["extra_ms"] for row in profile[:-1]] == sorted(
+        (row["extra_ms"] for row in profile[:-1]), reverse=True
+    )
 
 
 def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):

@@ -76,6 +76,52 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def op_self_times(step: Callable[[], Any], steps: int) -> dict[str, float]:
+    """Self time per step (ms) of every op the profiler sees over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    return {event.key: event.self_cpu_time_total / 1e3 / steps for event in prof.key_averages()}
+
+
+def profile_ops(steps: dict, count: int, rows: int) -> dict[str, list[dict[str, Any]]]:
+    """Per AttnRes variant, the ops whose self time per step grew most over the baseline's."""
+    times = {key: op_self_times(step, count) for key, step in steps.items()}
+    baseline = times["baseline", "torch"]
+    tables = {}
+    for key, ops in times.items():
+        if key == ("baseline", "torch"):
+            continue
+        names = set(ops) | set(baseline)
+        table = [
+            {"op": name, "baseline_ms": baseline.get(name, 0.0), "variant_ms": ops.get(name, 0.0)}
+            for name in names
+        ]
+        for row in table:
+            row["extra_ms"] = row["variant_ms"] - row["baseline_ms"]
+        table.sort(key=lambda row: row["extra_ms"], reverse=True)
+        total = {
+            "op": "total (all ops)",
+            "baseline_ms": sum(baseline.values()),
+            "variant_ms": sum(ops.values()),
+        }
+        total["extra_ms"] = total["variant_ms"] - total["baseline_ms"]
+        tables[f"{key[0]} ({key[1]})"] = table[:rows] + [total]
+    return tables
+
+
+def op_markdown(table: list[dict[str, Any]]) -> str:
+    lines = ["| op | baseline (ms/step) | variant (ms/step) | extra (ms/step) |", "|---|---:|---:|---:|"]
+    for row in table:
+        lines.append(
+            f"| `{row['op']}` | {row['baseline_ms']:.2f} | {row['variant_ms']:.2f} | {row['extra_ms']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def round_ratios(timings: list[float], baseline: list[float]) -> list[float]:
     """Per-round ratios of a variant's step to the baseline's step of the same round."""
     return [t / b for t, b in zip(timings, baseline)]
@@ -100,6 +146,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--op-profile-steps",
+        type=int,
+        default=0,
+        help="after timing, profile this many steps per variant (torch.profiler) and report, per "
+        "ATen op, the self time per step of each variant minus the baseline's",
+    )
+    parser.add_argument("--op-profile-rows", type=int, default=12, help="ops listed per variant")
     args = parser.parse_args(argv)
 
     # Subnormal floats make CPU arithmetic erratically slow (seconds per step in whichever
@@ -141,6 +195,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             }
         )
     device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
+    op_profile = {}
+    if args.op_profile_steps:
+        op_profile = profile_ops(steps, args.op_profile_steps, args.op_profile_rows)
     result = {
         "meta": {
             "shape": vars(args) | {"impls": impls},
@@ -150,9 +207,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "platform": platform.platform(),
         },
         "rows": rows,
+        "op_profile": op_profile,
     }
     print()
     print(markdown(rows))
+    for name, table in op_profile.items():
+        print(f"\n{name} minus baseline, self time per step:\n")
+        print(op_markdown(table))
     write_json(args.output, result)
     return result
 
