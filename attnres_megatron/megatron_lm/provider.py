@@ -9,10 +9,11 @@ from typing import Any, Optional
 from megatron.core import parallel_state
 
 from attnres_megatron.config import AttnResTransformerConfig
-from attnres_megatron.megatron_lm.arguments import attnres_requested, validate_attn_res_args
+from attnres_megatron.megatron_lm.arguments import attnres_requested, resolved_device, validate_attn_res_args
 from attnres_megatron.megatron_lm.config import config_from_megatron_args
 from attnres_megatron.models.families import chunk_inputs, model_family
 from attnres_megatron.models.gpt import AttnResGPTModel
+from attnres_megatron.ops.dispatch import choose
 
 MEGATRON_LM_MISSING = (
     "Megatron-LM's training package (megatron.training) is not importable: the megatron-core "
@@ -76,7 +77,34 @@ def model_provider(
     elif not isinstance(config, AttnResTransformerConfig):
         raise TypeError(f"the AttnRes model provider needs an AttnResTransformerConfig; got {type(config)}.")
     inputs = chunk_inputs(args, args.padded_vocab_size)  # auto: the one rule, on this process's device
+    if config.attn_res_enabled and not vp_stage:
+        _log_aggregation_choice(config, args)
     return model_family(args.model).build_chunk(config, inputs, pre_process, post_process, vp_stage)
+
+
+def _print_rank_0(message: str) -> None:
+    import torch
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _log_aggregation_choice(config: AttnResTransformerConfig, args: argparse.Namespace) -> None:
+    """Megatron-LM's rank-0 log line naming what ``--attn-res-impl`` resolved to here."""
+    try:
+        from megatron.training.utils import print_rank_0
+    except ImportError:  # the provider used without Megatron-LM's training package
+        print_rank_0 = _print_rank_0
+
+    device = resolved_device(args) if hasattr(args, "device") else "cuda"
+    choice = choose(
+        config.attn_res_impl,
+        device,
+        config.params_dtype,
+        config.attention_residuals,
+        config.attn_res_recompute,
+    )
+    print_rank_0(f"> {choice.describe()}")
 
 
 def model_provider_or(stock_provider: Callable[..., Any]) -> Callable[..., Any]:
