@@ -115,10 +115,12 @@ if "OMP_NUM_THREADS" not in os.environ:
 SLOW = ("slow",)
 DISTRIBUTED = ("slow", "distributed")  # every multi-process test here also takes more than ~3 s
 MULTI_PROCESS_QUICK = ("distributed",)  # more than one process, yet quick
+GPU = ("gpu",)  # needs a CUDA device: skipped, with the reason, where there is none
 
 # The one place that decides which tests are `slow` (more than ~3 s on a 2-core machine:
 # subprocess runs of the CLI and tools, training runs, checkpoint round trips) and which are
-# `distributed` (more than one process: torchrun, mpirun, process pools of 2+).
+# `distributed` (more than one process: torchrun, mpirun, process pools of 2+), and which need a
+# CUDA device (`gpu`: `TRITON_INTERPRET=0 pytest -m gpu` on a GPU machine; skipped elsewhere).
 # `pytest -m "not slow and not distributed"` is the quick subset. A key is a module, a test
 # function (all its parameters) or one parametrised test, relative to tests/; a key naming a
 # test function that does not exist fails the collection.
@@ -179,6 +181,8 @@ MARKS = {
     "test_profile.py::test_pipeline_stages_are_reported_per_rank": DISTRIBUTED,
     "test_profile.py::test_fp8_cli_refuses_without_transformer_engine": SLOW,
     "test_profile.py::test_fp8_cli_falls_back_to_bf16": SLOW,
+    "test_profile.py::test_variants_run_interleaved_round_robin": SLOW,
+    "test_profile.py::test_interleaving_keeps_each_variants_own_rng_streams": SLOW,
     "test_progress.py::test_pretrain_on_a_terminal": SLOW,
     "test_quiet_start.py::test_pretrain_starts_quietly_and_names_missing_packages": SLOW,
     "test_quiet_start.py::test_verbose_warnings_shows_upstream_warnings": SLOW,
@@ -196,7 +200,18 @@ MARKS = {
     "test_collective_faults.py::test_a_stopped_rank_makes_the_other_exit_with_the_collective_named": (
         DISTRIBUTED
     ),
+    "test_generation.py::test_the_command_continues_prompts_as_a_recompute_of_the_saved_weights": SLOW,
+    "test_generation.py::test_tensor_parallel_2_with_chunked_prefill_equals_the_single_process": DISTRIBUTED,
+    "test_generation.py::test_bad_input_is_refused_before_any_work": SLOW,  # `checkpoint`: a CLI run
+    "test_bench_inference.py::test_the_memory_probe_measures_one_prefill_in_a_fresh_process": SLOW,
+    "test_gpu.py": GPU,
+    "test_gpu_check.py::test_dry_run_writes_a_valid_report_and_markdown": SLOW,  # the kit's dry run
+    "test_gpu_check.py::test_dry_run_compares_every_dtype_and_gradient": SLOW,
 }
+NO_GPU_REASON = (
+    "needs a CUDA device (torch.cuda.is_available() is False): run TRITON_INTERPRET=0 python -m pytest "
+    "-m gpu on a GPU machine, or scripts/gpu_check.sh (docs/gpu.md)"
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -208,6 +223,8 @@ def pytest_collection_modifyitems(config, items):
         for key in keys:
             for name in MARKS.get(key, ()):
                 item.add_marker(name)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason=NO_GPU_REASON))
         if module not in checked and getattr(item, "module", None) is not None:
             checked.add(module)
             for key in MARKS:

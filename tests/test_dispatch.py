@@ -152,7 +152,7 @@ def test_gpu_tensor_path_is_dispatched_per_call(monkeypatch):
 
     class FakeTensor(torch.Tensor):
         @property
-        def device(self):  # noqa: D102
+        def device(self):
             return FakeDevice()
 
     sources, query, gain, _ = inputs(2, torch.float32)

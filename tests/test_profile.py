@@ -1,4 +1,8 @@
-"""``attnres-profile``: schema, consistency, pipeline bytes against shapes, FP8 refusal and fallback."""
+"""``attnres-profile``: schema, consistency, pipeline bytes against shapes, FP8 refusal and fallback.
+
+The rules behind the report's summaries (median step, spreads, ratio warnings, run order) are
+tested against hand-computed numbers in test_profile_consistency.py; here they are checked on
+the reports of real runs."""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ import torch
 from attnres_defaults import PRE_MEGATRON_DEFAULTS, old_ffn
 
 from attnres_megatron.profiling import nvtx, precision
+from attnres_megatron.profiling.markdown import split_cells
 from attnres_megatron.profiling.memory import SavedActivationTracker, storage_key
-from attnres_megatron.profiling.report import RATIO_METRICS, compute_ratios
+from attnres_megatron.profiling.report import PAIRED_METRICS
+from attnres_megatron.profiling.runner import round_robin_order
 from attnres_megatron.profiling.schema import ReportValidationError, report_errors, validate_report
+from attnres_megatron.profiling.spread import ratio_warning, representative_index, spread
 from attnres_megatron.profiling.timers import P2P_TIMERS, ScheduleTimers, Stopwatch
 from attnres_megatron.profiling.variants import variant_args
 
@@ -42,6 +49,7 @@ TINY = [
 ]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 FP32 = 4
+WARMUP, TIMED = 1, 4  # an even count of timed rounds: the median step is the lower middle one
 
 
 def profile(out_dir, *args: str) -> subprocess.CompletedProcess:
@@ -61,8 +69,10 @@ def load_report(out_dir, result: subprocess.CompletedProcess) -> dict:
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile_cpu")
-    result = profile(out, *TINY, "--global-batch-size", "4", "--warmup-steps", "1", "--timed-steps", "3")
-    return out, load_report(out, result)
+    result = profile(
+        out, *TINY, "--global-batch-size", "4", "--warmup-steps", str(WARMUP), "--timed-steps", str(TIMED)
+    )
+    return out, load_report(out, result), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +102,19 @@ def by_name(report: dict) -> dict:
     return {variant["name"]: variant for variant in report["variants"]}
 
 
+def step_table_rows(markdown: str) -> dict[str, list[str]]:
+    """The cells of the step time table of a profile.md, by variant."""
+    section = markdown.split("## Step time", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells for cells in rows[1:]}
+
+
 # ----------------------------------------------------------------------------- CPU run
 
 
 @pytest.mark.parametrize("use_jsonschema", [True, False], ids=["jsonschema", "builtin"])
 def test_report_validates_and_mutated_reports_fail(cpu_run, use_jsonschema):
-    _, report = cpu_run
+    _, report, _ = cpu_run
     assert report_errors(report, use_jsonschema) == []
     mutations = [
         lambda r: r["variants"][0].pop("step_time_s"),
@@ -108,6 +125,13 @@ def test_report_validates_and_mutated_reports_fail(cpu_run, use_jsonschema):
         lambda r: r["variants"][0]["steps"].clear(),
         lambda r: r.__setitem__("unexpected", 1),
         lambda r: r["model"].__setitem__("num_layers", True),
+        lambda r: r["variants"][1].pop("step_time_spread_s"),
+        lambda r: r["variants"][1]["step_time_spread_s"].__setitem__("count", 0),
+        lambda r: r["variants"][0]["steps"][0].pop("started_s"),
+        lambda r: r["ratio_spreads"]["block"].pop("step_time"),
+        lambda r: r["ratio_spreads"]["full"].__setitem__("forward", {"q1": 1.0}),
+        lambda r: r["ratio_warnings"].append({"variant": "block", "metric": "peak_memory"}),
+        lambda r: r["steps"].__setitem__("order", "shuffled"),
     ]
     for mutate in mutations:
         bad = copy.deepcopy(report)
@@ -120,60 +144,125 @@ def test_report_validates_and_mutated_reports_fail(cpu_run, use_jsonschema):
 
 
 def test_cpu_run_writes_markdown_and_plots(cpu_run):
-    out, report = cpu_run
+    out, report, _ = cpu_run
     markdown = (out / "profile.md").read_text()
     assert "## Ratios to `none`" in markdown and "| block |" in markdown and "| full |" in markdown
     for name in ("step_breakdown.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [v["name"] for v in report["variants"]] == ["none", "block", "full"]
     assert report["precision"]["requested"] == report["precision"]["used"] == "fp32"
+    assert (out / "step_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["environment"]["device"] == "cpu"
 
 
 def test_step_split_adds_up_and_tokens_per_second(cpu_run):
-    _, report = cpu_run
+    """Every column of a row comes from the variant's median step, so the row adds up."""
+    out, report, _ = cpu_run
     tokens = 4 * SEQ
+    printed = step_table_rows((out / "profile.md").read_text())
     for variant in report["variants"]:
-        assert len(variant["steps"]) == 3
-        for step in variant["steps"]:
+        steps = variant["steps"]
+        assert len(steps) == TIMED
+        for step in steps:
             parts = step["forward_s"] + step["backward_s"] + step["optimizer_s"]
             assert step["other_s"] == pytest.approx(step["step_s"] - parts, abs=1e-12)
             assert step["other_s"] >= 0  # the parts are disjoint intervals inside the step
             assert min(step["forward_s"], step["backward_s"], step["optimizer_s"]) > 0
-        for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "other_s"):
-            values = sorted(step[key] for step in variant["steps"])
-            assert variant["step_time_s" if key == "step_s" else key] == values[1]  # median of 3
-        # Each part lies inside its step, so each part's median is at most the step's median
-        # (how much of the step the parts cover depends on the machine's load: not checked).
-        for key in ("forward_s", "backward_s", "optimizer_s", "other_s"):
-            assert 0 <= variant[key] <= variant["step_time_s"]
+        times = [step["step_s"] for step in steps]
+        chosen = variant["representative_step"]
+        assert chosen == representative_index(times) and times[chosen] == sorted(times)[(TIMED - 1) // 2]
+        median_step = steps[chosen]
+        assert variant["step_time_s"] == median_step["step_s"]
+        for key in ("forward_s", "backward_s", "optimizer_s", "other_s", "tokens_per_second"):
+            assert variant[key] == median_step[key]
+        row = variant["forward_s"] + variant["backward_s"] + variant["optimizer_s"] + variant["other_s"]
+        assert row == pytest.approx(variant["step_time_s"], abs=1e-12)  # the invariant of the row
+        assert variant["step_time_spread_s"] == spread(times)
         assert variant["tokens_per_step"] == tokens
         assert variant["tokens_per_second"] == pytest.approx(tokens / variant["step_time_s"], rel=1e-12)
+        (stage,) = variant["stages"]  # one stage: its figures are the median step's too
+        assert stage["step_s"] == median_step["step_s"] and stage["forward_s"] == median_step["forward_s"]
+        # The printed row adds up exactly, in hundredths of a millisecond.
+        cells = printed[variant["name"]][2:7]
+        assert cells == split_cells(variant)
+        step_cell, *part_cells = (round(100 * float(cell)) for cell in cells)
+        assert sum(part_cells) == step_cell
+
+
+def test_variants_run_interleaved_round_robin(cpu_run):
+    _, report, _ = cpu_run
+    names = [variant["name"] for variant in report["variants"]]
+    assert report["steps"]["order"] == "interleaved"
+    started = sorted(
+        (step["started_s"], variant["name"]) for variant in report["variants"] for step in variant["steps"]
+    )
+    expected = [variant for phase, _, variant in round_robin_order(names, WARMUP, TIMED) if phase == "timed"]
+    assert [name for _, name in started] == expected
+    assert started[0][0] == 0.0
+    # round i of every variant starts before round i + 1 of any
+    for index in range(TIMED - 1):
+        assert max(v["steps"][index]["started_s"] for v in report["variants"]) < min(
+            v["steps"][index + 1]["started_s"] for v in report["variants"]
+        )
 
 
 def test_ratios_are_ratios_of_reported_numbers(cpu_run):
-    _, report = cpu_run
+    """Time ratios: medians of the per-round ratios of the reported steps, with their spread."""
+    out, report, stdout = cpu_run
     variants = by_name(report)
     base = variants["none"]
     assert report["baseline"] == "none"
     for name, row in report["ratios"].items():
         variant = variants[name]
-        assert row["step_time"] == pytest.approx(variant["step_time_s"] / base["step_time_s"], rel=1e-12)
-        assert row["forward"] == pytest.approx(variant["forward_s"] / base["forward_s"], rel=1e-12)
-        assert row["backward"] == pytest.approx(variant["backward_s"] / base["backward_s"], rel=1e-12)
-        assert row["optimizer"] == pytest.approx(variant["optimizer_s"] / base["optimizer_s"], rel=1e-12)
-        assert row["tokens_per_second"] == pytest.approx(
-            variant["tokens_per_second"] / base["tokens_per_second"], rel=1e-12
-        )
+        for metric, key in PAIRED_METRICS.items():
+            per_round = [v[key] / b[key] for v, b in zip(variant["steps"], base["steps"])]
+            assert row[metric] == pytest.approx(
+                sorted(per_round)[1] / 2 + sorted(per_round)[2] / 2, rel=1e-12
+            )
+            assert report["ratio_spreads"][name][metric] == pytest.approx(spread(per_round), rel=1e-12)
         assert row["peak_memory"] == pytest.approx(
             variant["memory"]["peak_bytes"] / base["memory"]["peak_bytes"], rel=1e-12
         )
         assert row["p2p_bytes"] is None  # no pipeline: nothing crosses a boundary
     assert all(value == 1.0 for key, value in report["ratios"]["none"].items() if key != "p2p_bytes")
+    expected = [
+        (name, metric)
+        for name in ("block", "full")
+        for metric in PAIRED_METRICS
+        if ratio_warning(report["ratios"][name][metric], report["ratio_spreads"][name][metric])
+    ]
+    assert [(w["variant"], w["metric"]) for w in report["ratio_warnings"]] == expected
+    markdown = (out / "profile.md").read_text()
+    for warning in report["ratio_warnings"]:  # each one logged, and marked in the markdown
+        logged = f"WARNING: attnres-profile: {warning['variant']} {warning['metric']} ratio"
+        if warning["metric"] != "step_time":
+            logged = f"{warning['variant']} {warning['metric']}"
+        assert logged in stdout
+        assert f"- {warning['variant']} {warning['metric']}: {warning['reason']}" in markdown
+    assert markdown.count(" (!) |") == len(report["ratio_warnings"])  # one marked cell each
+
+
+def test_interleaving_keeps_each_variants_own_rng_streams(tmp_path):
+    # With dropout every step draws random numbers: interleaved steps must draw from each
+    # variant's own streams, as when the variants run one after another.
+    losses = {}
+    for order, flags in (("interleaved", []), ("sequential", ["--sequential-variants"])):
+        out = tmp_path / order
+        result = profile(
+            out,
+            *TINY,
+            *("--hidden-dropout", "0.1", "--global-batch-size", "2", "--variants", "none", "block"),
+            *("--warmup-steps", "1", "--timed-steps", "2", "--no-plots", *flags),
+        )
+        report = load_report(out, result)
+        assert report["steps"]["order"] == order
+        losses[order] = {variant["name"]: variant["losses"] for variant in report["variants"]}
+    assert losses["interleaved"] == losses["sequential"]
+    assert losses["interleaved"]["none"] != losses["interleaved"]["block"]
 
 
 def test_memory_accounting_on_cpu(cpu_run):
-    _, report = cpu_run
+    _, report, _ = cpu_run
     variants = by_name(report)
     attn_res = (2 * LAYERS + 1) * 2 * HIDDEN  # one (query, gain) pair per sublayer plus the final mix
     assert variants["none"]["attn_res_parameters"] == 0
@@ -196,7 +285,7 @@ def test_memory_accounting_on_cpu(cpu_run):
 
 
 def test_aggregation_hooks_count_every_mix(cpu_run):
-    _, report = cpu_run
+    _, report, _ = cpu_run
     micro_batches = report["model"]["num_micro_batches"]
     assert micro_batches == 4 // MICRO_BATCH
     variants = by_name(report)
@@ -251,6 +340,14 @@ def test_pipeline_stages_are_reported_per_rank(pp_report):
             parts = step["forward_s"] + step["backward_s"] + step["optimizer_s"]
             assert step["other_s"] == pytest.approx(step["step_s"] - parts, abs=1e-12)
             assert step["other_s"] >= 0
+        # The row is the median step: the bottleneck stage's split in it, the slowest rank's time.
+        median_step = variant["steps"][variant["representative_step"]]
+        bottleneck = stages[variant["bottleneck_stage"]]
+        assert variant["step_time_s"] == median_step["step_s"] == max(stage["step_s"] for stage in stages)
+        assert variant["forward_s"] == bottleneck["forward_s"] == median_step["forward_s"]
+        assert variant["backward_s"] == bottleneck["backward_s"]
+        parts = variant["forward_s"] + variant["backward_s"] + variant["optimizer_s"] + variant["other_s"]
+        assert parts == pytest.approx(variant["step_time_s"], abs=1e-12)
         if variant["name"] != "none":
             # 4 layers x 2 sublayers plus the final mix, split over the stages, per micro-batch
             calls = [stage["aggregation_calls_per_step"] for stage in stages]
@@ -399,27 +496,6 @@ def test_variant_args_choose_block_sizes():
     assert variant_args(given, "none").attn_res_layers_per_block is None
     kimi = argparse.Namespace(**{**vars(args), "model": "kimi-linear-tiny"})
     assert variant_args(kimi, "block").attention_residuals is None  # the preset's own S
-
-
-def test_compute_ratios_divides_by_the_baseline():
-    def variant(name, step, peak, p2p):
-        return {
-            "name": name,
-            "step_time_s": step,
-            "forward_s": step / 2,
-            "backward_s": step / 4,
-            "optimizer_s": step / 8,
-            "tokens_per_second": 100 / step,
-            "memory": {"peak_bytes": peak},
-            "pipeline": {"p2p_bytes_per_step": p2p},
-        }
-
-    ratios = compute_ratios([variant("none", 2.0, 10, 0), variant("block", 3.0, 15, 4)])
-    assert set(ratios["block"]) == set(RATIO_METRICS)
-    assert ratios["block"]["step_time"] == 1.5
-    assert ratios["block"]["tokens_per_second"] == pytest.approx(2.0 / 3.0, rel=1e-12)
-    assert ratios["block"]["peak_memory"] == 1.5 and ratios["block"]["p2p_bytes"] is None
-    assert compute_ratios([variant("block", 3.0, 15, 4)]) == {}
 
 
 def test_nvtx_helpers_do_nothing_without_cuda(monkeypatch):

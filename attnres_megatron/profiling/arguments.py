@@ -44,8 +44,23 @@ def build_profile_parser() -> argparse.ArgumentParser:
         help="Residual variants to profile (same seed and data); 'none' is the baseline of the ratios. "
         "Block uses the block-size flag given, the preset's S, or --attn-res-num-blocks min(8, layers).",
     )
-    group.add_argument("--warmup-steps", type=int, default=2, help="Untimed steps before timing.")
-    group.add_argument("--timed-steps", type=int, default=5, help="Timed steps (medians are reported).")
+    group.add_argument(
+        "--warmup-steps", type=int, default=2, help="Untimed rounds (one step of every variant each) first."
+    )
+    group.add_argument(
+        "--timed-steps",
+        type=int,
+        default=5,
+        help="Timed rounds, one step of every variant each: the median step and the interquartile "
+        "range are reported, ratios to the baseline are medians of per-round ratios.",
+    )
+    group.add_argument(
+        "--sequential-variants",
+        action="store_true",
+        help="Build and run one variant after another (one model in memory at a time) instead of "
+        "all at once with their steps interleaved round-robin; ratios then pair steps of different "
+        "periods, so load drifts show in them.",
+    )
     group.add_argument(
         "--output-dir", default="attnres-profile", help="Where profile.json, profile.md and the PNGs go."
     )

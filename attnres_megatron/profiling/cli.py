@@ -34,21 +34,45 @@ def write_outputs(report: dict[str, Any], directory: Path, plots: bool = True) -
 
 
 def _summary(report: dict[str, Any]) -> str:
+    """Log lines: precision, one line per variant (median step, IQR, ratio with its IQR), warnings."""
     precision = report["precision"]
     lines = [
         f"> attnres-profile: precision {precision['used']} (requested {precision['requested']})"
         + (f"; fallback because {precision['fallback_reason']}" if precision["fallback_reason"] else "")
     ]
     for variant in report["variants"]:
+        spread = variant["step_time_spread_s"]
         ratio = report["ratios"].get(variant["name"], {}).get("step_time")
+        ratio_spread = report["ratio_spreads"].get(variant["name"], {}).get("step_time")
         lines.append(
-            f"> {variant['name']:>5}: step {1000 * variant['step_time_s']:.1f} ms (fwd "
+            f"> {variant['name']:>5}: step {1000 * variant['step_time_s']:.1f} ms "
+            f"[IQR {1000 * spread['q1']:.1f}-{1000 * spread['q3']:.1f}] (fwd "
             f"{1000 * variant['forward_s']:.1f}, bwd {1000 * variant['backward_s']:.1f}, opt "
-            f"{1000 * variant['optimizer_s']:.1f}) | {variant['tokens_per_second']:.0f} tokens/s | peak "
+            f"{1000 * variant['optimizer_s']:.1f}, other {1000 * variant['other_s']:.1f}) | "
+            f"{variant['tokens_per_second']:.0f} tokens/s | peak "
             f"{variant['memory']['peak_bytes'] / (1 << 20):.1f} MiB"
             + (f" | {ratio:.3f}x baseline step" if ratio is not None else "")
+            + (f" [IQR {ratio_spread['q1']:.3f}-{ratio_spread['q3']:.3f}]" if ratio_spread else "")
         )
-    return "\n".join(lines)
+    return "\n".join(lines + warning_lines(report["ratio_warnings"]))
+
+
+def warning_lines(warnings: list[dict[str, Any]]) -> list[str]:
+    """A log line per unresolved step-time ratio, one more naming the other unresolved ratios."""
+    lines = [warning_line(warning) for warning in warnings if warning["metric"] == "step_time"]
+    others = [f"{w['variant']} {w['metric']}" for w in warnings if w["metric"] != "step_time"]
+    if others:
+        lines.append(f"> WARNING: attnres-profile: also unresolved: {', '.join(others)} (see profile.md)")
+    return lines
+
+
+def warning_line(warning: dict[str, Any]) -> str:
+    """The log line of one unresolved ratio (the report's ``ratio_warnings``)."""
+    return (
+        f"> WARNING: attnres-profile: {warning['variant']} {warning['metric']} ratio "
+        f"{warning['ratio']:.3f}x is unresolved: {warning['reason']}; run more --timed-steps or on a "
+        "quieter machine"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,10 +1,12 @@
-"""The human-readable report: medians per variant, ratios to the baseline, stages, boundaries."""
+"""The human-readable report: median steps and spreads, ratios to the baseline, stages, boundaries."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 MIB = 1 << 20
+HUNDREDTHS_OF_MS = 100_000  # per second: the step table's resolution
+UNRESOLVED = " (!)"
 
 
 def _ms(seconds: Optional[float]) -> str:
@@ -13,6 +15,67 @@ def _ms(seconds: Optional[float]) -> str:
 
 def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}x"
+
+
+def _hundredths(cells: int) -> str:
+    """Hundredths of a millisecond as printed ms."""
+    return f"{cells / 100:.2f}"
+
+
+def split_cells(variant: dict[str, Any]) -> list[str]:
+    """Step, forward, backward, optimizer and other in ms as printed: the parts are rounded to the
+    table's resolution and ``other`` is what remains of the rounded step, so the row adds up as shown."""
+    step = round(variant["step_time_s"] * HUNDREDTHS_OF_MS)
+    parts = [round(variant[key] * HUNDREDTHS_OF_MS) for key in ("forward_s", "backward_s", "optimizer_s")]
+    return [_hundredths(cells) for cells in (step, *parts, step - sum(parts))]
+
+
+def _interval(low: float, high: float, digits: int, scale: float = 1.0) -> str:
+    """``[low-high]``, scaled and rounded."""
+    return f"[{scale * low:.{digits}f}-{scale * high:.{digits}f}]"
+
+
+def ratio_cell(ratio: Optional[float], spread: Optional[dict[str, Any]], flagged: bool) -> str:
+    """A ratio with the interquartile range of its per-round ratios, marked when unresolved."""
+    if ratio is None:
+        return "-"
+    cell = _ratio(ratio)
+    if spread is not None:
+        cell += " " + _interval(spread["q1"], spread["q3"], 3)
+    return cell + (UNRESOLVED if flagged else "")
+
+
+def _ratio_section(report: dict[str, Any]) -> list[str]:
+    """The ratios table (time ratios with their spread, unresolved ones marked) and its notes."""
+    flagged = {(w["variant"], w["metric"]): w["reason"] for w in report["ratio_warnings"]}
+    spreads, base = report["ratio_spreads"], report["baseline"]
+    metrics = list(next(iter(report["ratios"].values())))
+    lines = [
+        f"## Ratios to `{report['baseline']}` (same run)",
+        "",
+        "Time ratios: median of the per-round ratios [interquartile range]; memory and bytes: ratio of "
+        f"the reported figures. `{UNRESOLVED.strip()}`: unresolved by its rounds (see below).",
+        "",
+    ]
+    lines += _table(
+        ["variant", *metrics],
+        [
+            [
+                name,
+                *(
+                    ratio_cell(row[m], None if name == base else spreads[name].get(m), (name, m) in flagged)
+                    for m in metrics
+                ),
+            ]
+            for name, row in report["ratios"].items()
+        ],
+        "---:",
+    )
+    if flagged:
+        lines += [f"**Unresolved ratios {UNRESOLVED.strip()}** ({report['methods']['ratio_rule']}):", ""]
+        lines += [f"- {variant} {metric}: {reason}" for (variant, metric), reason in flagged.items()]
+        lines += [""]
+    return lines
 
 
 def _mib(value: int) -> str:
@@ -46,24 +109,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Precision: requested {precision['requested']}, used {precision['used']}"
         + (f" (fallback: {precision['fallback_reason']})" if precision["fallback_reason"] else "")
         + f"; AttnRes statistics in {precision['attn_res_statistics_dtype']}.",
-        f"Steps per variant: {report['steps']['warmup']} warmup, {report['steps']['timed']} timed (medians), "
-        f"1 instrumented (memory, aggregation time).",
+        f"Steps per variant: {report['steps']['warmup']} warmup, {report['steps']['timed']} timed "
+        f"({report['steps']['order']} rounds), 1 instrumented (memory, aggregation time).",
         "",
-        "## Step time (median, ms)",
+        "## Step time (median step, ms)",
+        "",
+        "Every column of a row comes from the same step, the variant's median step, so forward + "
+        "backward + optimizer + other = step; IQR and range: step time over all timed steps.",
         "",
     ]
     variants = report["variants"]
     lines += _table(
-        ["variant", "S", "step", "forward", "backward", "optimizer", "other", "tokens/s", "peak MiB"],
+        [
+            "variant",
+            "S",
+            "step",
+            "forward",
+            "backward",
+            "optimizer",
+            "other",
+            "step IQR",
+            "step range",
+            "tokens/s",
+            "peak MiB",
+        ],
         [
             [
                 v["name"],
                 v["sublayers_per_block"] or "-",
-                _ms(v["step_time_s"]),
-                _ms(v["forward_s"]),
-                _ms(v["backward_s"]),
-                _ms(v["optimizer_s"]),
-                _ms(v["other_s"]),
+                *split_cells(v),
+                _interval(v["step_time_spread_s"]["q1"], v["step_time_spread_s"]["q3"], 2, 1000),
+                _interval(v["step_time_spread_s"]["min"], v["step_time_spread_s"]["max"], 2, 1000),
                 f"{v['tokens_per_second']:.0f}",
                 _mib(v["memory"]["peak_bytes"]),
             ]
@@ -72,13 +148,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "---:",
     )
     if report["ratios"]:
-        lines += [f"## Ratios to `{report['baseline']}` (same run)", ""]
-        metrics = list(next(iter(report["ratios"].values())))
-        lines += _table(
-            ["variant", *metrics],
-            [[name, *(_ratio(row[m]) for m in metrics)] for name, row in report["ratios"].items()],
-            "---:",
-        )
+        lines += _ratio_section(report)
     lines += ["## Memory (MiB)", "", f"Method: {report['methods']['memory']}.", ""]
     lines += _table(
         ["variant", "peak", "parameters", "gradients", "optimizer state", "saved activations (peak)"],
@@ -115,7 +185,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "---:",
     )
     if parallel["pipeline"] > 1:
-        lines += ["## Pipeline stages (median ms)", ""]
+        lines += ["## Pipeline stages (ms, in each variant's median step)", ""]
         lines += _table(
             [
                 "variant",
@@ -178,5 +248,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             ],
             "---:",
         )
-    lines += ["## Method", "", report["methods"]["timing"], ""]
+    methods = report["methods"]
+    lines += ["## Method", ""]
+    lines += [f"- {methods[key]}." for key in ("summary", "order", "ratios", "ratio_rule")]
+    lines += ["", methods["timing"], ""]
     return "\n".join(lines)

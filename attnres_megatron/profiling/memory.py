@@ -4,7 +4,7 @@ On CPU there is no allocator peak to read, so the profiler adds up what training
 alive: unique storages of the parameters, of the gradient buffers (Megatron DDP's
 ``main_grad``), of the optimizer state (Adam moments, fp32 main copies), and the peak of
 the tensors autograd keeps for backward, tracked with ``saved_tensors_hooks``. On CUDA the
-peak is ``torch.cuda.max_memory_allocated``.
+peak comes from ``torch.cuda.max_memory_allocated`` per variant (:class:`CudaPeakMeter`).
 """
 
 from __future__ import annotations
@@ -149,12 +149,26 @@ class SavedActivationTracker:
             yield self
 
 
-def cuda_peak_bytes() -> int:
-    """``torch.cuda.max_memory_allocated`` since the last reset (0 without CUDA)."""
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+class CudaPeakMeter:
+    """One variant's CUDA peak while other variants' models share the device: the bytes it keeps
+    allocated (left behind by its build and by each of its steps) plus the largest rise of
+    ``torch.cuda.memory_allocated`` above the level at the start of one of its measured steps.
+    Off (every figure 0) unless ``enabled``."""
 
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.resident = 0
+        self.peak = 0
 
-def reset_cuda_peak() -> None:
-    """Start a new CUDA peak window (no-op without CUDA)."""
-    if torch.cuda.is_available():
+    @contextmanager
+    def measure(self, record_peak: bool = True) -> Iterator[None]:
+        """Account for what the block allocates; ``record_peak`` counts its rise in the peak."""
+        if not self.enabled:
+            yield
+            return
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        yield
+        if record_peak:
+            self.peak = max(self.peak, self.resident + torch.cuda.max_memory_allocated() - before)
+        self.resident += torch.cuda.memory_allocated() - before

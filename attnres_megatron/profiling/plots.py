@@ -1,4 +1,5 @@
-"""PNG plots of a report (matplotlib, Agg backend): step split per variant, per-stage time, bytes."""
+"""PNG plots of a report (matplotlib, Agg backend): step split per variant with its spread, ratios to
+the baseline with theirs, per-stage time, bytes."""
 
 from __future__ import annotations
 
@@ -28,10 +29,22 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
         heights = [1000 * max(v[key], 0.0) for v in variants]
         ax.bar(names, heights, bottom=bottom, label=label)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_ylabel("median ms per step")
-    ax.set_title("Step time split")
+    spreads = [v["step_time_spread_s"] for v in variants]
+    ax.errorbar(
+        names,
+        [1000 * v["step_time_s"] for v in variants],
+        yerr=_error_bars([v["step_time_s"] for v in variants], spreads, 1000),
+        fmt="none",
+        ecolor="black",
+        capsize=6,
+        label="step time IQR",
+    )
+    ax.set_ylabel("ms per step (median step)")
+    ax.set_title("Step time split (median step; error bar: IQR of all steps)")
     ax.legend()
     written.append(_save(fig, directory / "step_breakdown.png", plt))
+    if any(name != report["baseline"] for name in report["ratios"]):
+        written.append(_ratio_plot(report, directory, plt))
 
     if report["parallel"]["pipeline"] > 1:
         stages = sorted({s["pp_rank"] for v in variants for s in v["stages"]})
@@ -52,7 +65,7 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
                 alpha=0.6,
             )
         ax.set_xticks([s + 0.4 - width / 2 for s in stages], [f"stage {s}" for s in stages])
-        ax.set_ylabel("median compute ms per step")
+        ax.set_ylabel("compute ms (median step)")
         ax.set_title("Per-stage forward + backward")
         ax.legend(fontsize="small")
         written.append(_save(fig, directory / "stages.png", plt))
@@ -99,6 +112,38 @@ def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
     ax.legend(fontsize="small")
     written.append(_save(fig, directory / "memory.png", plt))
     return written
+
+
+def _error_bars(values: list[float], spreads: list[dict], scale: float = 1.0) -> list[list[float]]:
+    """Matplotlib's asymmetric ``yerr`` from each value down to q1 and up to q3."""
+    return [
+        [scale * max(value - s["q1"], 0.0) for value, s in zip(values, spreads)],
+        [scale * max(s["q3"] - value, 0.0) for value, s in zip(values, spreads)],
+    ]
+
+
+def _ratio_plot(report: dict[str, Any], directory: Path, plt) -> Path:
+    """Step-time ratio of each variant to the baseline with the IQR of its per-round ratios;
+    unresolved ratios (the report's ratio warnings) hatched."""
+    names = [name for name in report["ratios"] if name != report["baseline"]]
+    ratios = [report["ratios"][name]["step_time"] or 0.0 for name in names]
+    spreads = [
+        report["ratio_spreads"][name]["step_time"] or {"q1": r, "q3": r} for name, r in zip(names, ratios)
+    ]
+    flagged = {w["variant"] for w in report["ratio_warnings"] if w["metric"] == "step_time"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(names, ratios, color="tab:blue")
+    for bar, name in zip(bars, names):
+        if name in flagged:
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
+    ax.errorbar(names, ratios, yerr=_error_bars(ratios, spreads), fmt="none", ecolor="black", capsize=6)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    low = min([s["q1"] for s in spreads] + [1.0])
+    ax.set_ylim(bottom=max(0.0, low - 0.1 * (max([s["q3"] for s in spreads] + [1.0]) - low) - 0.05))
+    ax.set_ylabel(f"step time / {report['baseline']} (median of rounds)")
+    ax.set_title("Ratio to the baseline (error bar: IQR; hatched: unresolved)")
+    return _save(fig, directory / "step_ratio.png", plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

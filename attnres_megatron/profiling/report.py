@@ -1,4 +1,5 @@
-"""The profile report: per-variant medians, per-stage times, pipeline boundaries, ratios to the baseline."""
+"""The profile report: per-variant median steps and spreads, per-stage times, pipeline boundaries,
+ratios to the baseline with their spreads and the warnings of the ratio rule."""
 
 from __future__ import annotations
 
@@ -13,19 +14,44 @@ from typing import Any, Optional
 import torch
 
 from attnres_megatron.profiling.precision import PrecisionPlan
+from attnres_megatron.profiling.spread import (
+    RATIO_RULE,
+    paired_ratios,
+    ratio_warning,
+    representative_index,
+    spread,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BASELINE = "none"
 TIMING_METHOD = (
     "wall clock per step (zero-grad + Megatron forward-backward schedule + optimizer and LR step); "
     "forward and backward are the sums of Megatron's schedule timers 'forward-compute' and "
     "'backward-compute' (config.timers), optimizer is the optimizer.step() interval; other = step - "
     "forward - backward - optimizer (p2p waits, pipeline bubbles, gradient all-reduce, zero-grad). "
-    "CUDA is synchronised at every reading. Medians over the timed steps; under pipeline parallelism "
-    "the step is the slowest rank's and the split is the bottleneck stage's. On CPU each stage's "
+    "CUDA is synchronised at every reading. Under pipeline parallelism the step is the slowest rank's "
+    "and the split is the bottleneck stage's. On CPU each stage's "
     "compute is also given as CPU time of the training thread inside those two timers "
     "(time.thread_time: the stage's own work, unaffected by other processes sharing the cores), "
     "with its imbalance (slowest / mean)."
+)
+STATISTIC_METHOD = (
+    "every per-step figure of a variant (step, forward, backward, optimizer, other, stages, p2p, "
+    "imbalance, tokens/s) comes from one timed step, its median step: the step whose time is the "
+    "median of its timed steps (the lower middle one for an even count), so forward + backward + "
+    "optimizer + other = step for the reported row; the spread of the step time is the "
+    "interquartile range (inclusive quartiles) and the range over all its timed steps"
+)
+ORDER_METHODS = {
+    "interleaved": "every variant built at once; each round runs one step of every variant, the "
+    "first variant rotating by one each round, so slow drifts of the machine hit all variants alike",
+    "sequential": "one variant after another (--sequential-variants); round i pairs the i-th timed "
+    "steps of the variants, taken at different times",
+}
+RATIO_METHOD = (
+    "time ratios (step, forward, backward, optimizer, tokens/s) are medians of the per-round ratios "
+    "(round i of the variant over round i of the baseline) with the interquartile range and the range "
+    "of those ratios; memory and pipeline bytes are ratios of the reported figures"
 )
 MEMORY_METHODS = {
     "cuda": "torch.cuda.max_memory_allocated over the timed steps (peak reset after warmup)",
@@ -47,6 +73,17 @@ RATIO_METRICS = {
     "peak_memory": ("memory", "peak_bytes"),
     "p2p_bytes": ("pipeline", "p2p_bytes_per_step"),
 }
+
+
+# Ratios paired round by round, and the per-step figure of each.
+PAIRED_METRICS = {
+    "step_time": "step_s",
+    "forward": "forward_s",
+    "backward": "backward_s",
+    "optimizer": "optimizer_s",
+    "tokens_per_second": "tokens_per_second",
+}
+SPLIT_KEYS = ("forward_s", "backward_s", "optimizer_s")
 
 
 def median(values: list[float]) -> float:
@@ -78,15 +115,11 @@ def memory_summary(local: dict, device: str) -> dict[str, Any]:
     }
 
 
-def _stage_row(local: dict, device: str) -> dict[str, Any]:
-    steps = local["steps"]
-    row = {
-        key: median([step[key] for step in steps])
-        for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "p2p_s")
-    }
-    cpu = None
-    if device == "cpu":
-        cpu = sum(median([step[key] for step in steps]) for key in ("forward_cpu_s", "backward_cpu_s"))
+def _stage_row(local: dict, device: str, index: int) -> dict[str, Any]:
+    """One stage's figures in timed step ``index`` (the variant's median step)."""
+    step = local["steps"][index]
+    row = {key: step[key] for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "p2p_s")}
+    cpu = step["forward_cpu_s"] + step["backward_cpu_s"] if device == "cpu" else None
     return {
         "pp_rank": local["pp_rank"],
         "rank": local["rank"],
@@ -99,8 +132,8 @@ def _stage_row(local: dict, device: str) -> dict[str, Any]:
     }
 
 
-def _boundary_rows(ranks: list[dict], reps: dict[int, dict]) -> list[dict[str, Any]]:
-    """Bytes and p2p time per pipeline boundary (sender chunk -> receiver chunk)."""
+def _boundary_rows(reps: dict[int, dict], index: int) -> list[dict[str, Any]]:
+    """Bytes per pipeline boundary (sender chunk -> receiver chunk) and p2p time in step ``index``."""
     pipeline = len(reps)
     first = reps[0]
     interleaved = first["interleaved"]
@@ -141,10 +174,8 @@ def _boundary_rows(ranks: list[dict], reps: dict[int, dict]) -> list[dict[str, A
             )
         # Non-interleaved 1F1B talks to each neighbour through its own calls, so the time spent
         # in p2p calls towards the other side of this boundary is attributable; interleaved is not.
-        row["sender_p2p_s"] = None if interleaved else median([s["next_rank_p2p_s"] for s in sender["steps"]])
-        row["receiver_p2p_s"] = (
-            None if interleaved else median([s["previous_rank_p2p_s"] for s in receiver["steps"]])
-        )
+        row["sender_p2p_s"] = None if interleaved else sender["steps"][index]["next_rank_p2p_s"]
+        row["receiver_p2p_s"] = None if interleaved else receiver["steps"][index]["previous_rank_p2p_s"]
         rows.append(row)
     return rows
 
@@ -156,20 +187,32 @@ def _imbalance(values: list[Optional[float]]) -> Optional[float]:
     return max(values) / (sum(values) / len(values))
 
 
+def step_split(split: dict, step_s: float, tokens_per_step: int) -> dict[str, Any]:
+    """One step's row: its time, the split of one stage, ``other`` = the rest of the step, tokens/s."""
+    parts = {key: split[key] for key in SPLIT_KEYS}
+    return {
+        "step_s": step_s,
+        **parts,
+        "other_s": step_s - sum(parts.values()),
+        "tokens_per_second": tokens_per_step / step_s,
+        "started_s": split["started_s"],
+    }
+
+
 def summarize_variant(ranks: list[dict], device: str, tokens_per_step: int) -> dict[str, Any]:
-    """One variant's medians, per-step split, memory, stages and boundaries from every rank."""
+    """One variant's median step (every column from it), spread, memory, stages and boundaries."""
     reps = _representatives(ranks)
-    stages = [_stage_row(reps[pp], device) for pp in sorted(reps)]
+    step_times = [max(local["steps"][i]["step_s"] for local in ranks) for i in range(len(ranks[0]["steps"]))]
+    chosen = representative_index(step_times)
+    stages = [_stage_row(reps[pp], device, chosen) for pp in sorted(reps)]
     bottleneck = max(stages, key=lambda stage: stage["compute_s"])["pp_rank"]
     critical = reps[bottleneck]
-    per_step = []
-    for index, split in enumerate(critical["steps"]):
-        step = max(local["steps"][index]["step_s"] for local in ranks)
-        parts = {key: split[key] for key in ("forward_s", "backward_s", "optimizer_s")}
-        per_step.append({"step_s": step, **parts, "other_s": step - sum(parts.values())})
-    medians = {key: median([step[key] for step in per_step]) for key in per_step[0]}
+    per_step = [
+        step_split(split, step_s, tokens_per_step) for split, step_s in zip(critical["steps"], step_times)
+    ]
+    row = per_step[chosen]
     heaviest = max(ranks, key=lambda local: memory_summary(local, device)["peak_bytes"])
-    boundaries = _boundary_rows(ranks, reps) if len(reps) > 1 else []
+    boundaries = _boundary_rows(reps, chosen) if len(reps) > 1 else []
     compute = [stage["compute_s"] for stage in stages]
     aggregation_s = sum(rep["aggregation"]["forward_s"] for rep in reps.values())
     instrumented_forward = sum(rep["instrumented_step"]["forward_s"] for rep in reps.values())
@@ -182,13 +225,15 @@ def summarize_variant(ranks: list[dict], device: str, tokens_per_step: int) -> d
         "sources_at_output": first["sources_at_output"],
         "parameters": sum(local["parameters"] for local in one_replica),
         "attn_res_parameters": sum(local["attn_res_parameters"] for local in reps.values()),
-        "step_time_s": medians["step_s"],
-        "forward_s": medians["forward_s"],
-        "backward_s": medians["backward_s"],
-        "optimizer_s": medians["optimizer_s"],
-        "other_s": medians["other_s"],
+        "step_time_s": row["step_s"],
+        "forward_s": row["forward_s"],
+        "backward_s": row["backward_s"],
+        "optimizer_s": row["optimizer_s"],
+        "other_s": row["other_s"],
+        "representative_step": chosen,
+        "step_time_spread_s": spread(step_times),
         "tokens_per_step": tokens_per_step,
-        "tokens_per_second": tokens_per_step / medians["step_s"],
+        "tokens_per_second": row["tokens_per_second"],
         "bottleneck_stage": bottleneck,
         "stage_imbalance": max(compute) / (sum(compute) / len(compute)),
         "stage_imbalance_cpu": _imbalance([stage["compute_cpu_s"] for stage in stages]),
@@ -203,7 +248,7 @@ def summarize_variant(ranks: list[dict], device: str, tokens_per_step: int) -> d
         "pipeline": {
             "boundaries": boundaries,
             "p2p_bytes_per_step": sum(
-                row["forward_bytes_per_step"] + row["backward_bytes_per_step"] for row in boundaries
+                b["forward_bytes_per_step"] + b["backward_bytes_per_step"] for b in boundaries
             ),
         },
         "losses": [loss for loss in reps[max(reps)]["losses"] if loss is not None],
@@ -217,19 +262,74 @@ def _lookup(variant: dict, path: tuple[str, ...]) -> float:
     return value
 
 
+def round_ratios(variant: dict, base: dict, metric: str) -> Optional[list[float]]:
+    """Per-round ratios of a paired metric (None where a baseline round is 0)."""
+    key = PAIRED_METRICS[metric]
+    return paired_ratios([s[key] for s in variant["steps"]], [s[key] for s in base["steps"]])
+
+
+def _baseline(variants: list[dict], baseline: Optional[str]) -> Optional[dict]:
+    """The baseline variant, or None when it was not profiled."""
+    return next((v for v in variants if v["name"] == baseline), None)
+
+
 def compute_ratios(variants: list[dict], baseline: Optional[str] = BASELINE) -> dict[str, dict]:
-    """Each variant's metrics divided by the baseline's (same run); None where the baseline is 0."""
-    base = next((v for v in variants if v["name"] == baseline), None)
+    """Each variant's metrics over the baseline's (same run): time metrics the median of their
+    per-round ratios, the others the ratio of the reported figures; None where the baseline is 0."""
+    base = _baseline(variants, baseline)
     if base is None:
         return {}
     ratios = {}
     for variant in variants:
-        row = {}
+        row: dict[str, Optional[float]] = {}
         for metric, path in RATIO_METRICS.items():
-            denominator = _lookup(base, path)
-            row[metric] = _lookup(variant, path) / denominator if denominator else None
+            if metric in PAIRED_METRICS:
+                per_round = round_ratios(variant, base, metric)
+                row[metric] = median(per_round) if per_round is not None else None
+            else:
+                denominator = _lookup(base, path)
+                row[metric] = _lookup(variant, path) / denominator if denominator else None
         ratios[variant["name"]] = row
     return ratios
+
+
+def compute_ratio_spreads(variants: list[dict], baseline: Optional[str] = BASELINE) -> dict[str, dict]:
+    """Spread (quartiles, range, rounds) of the per-round ratios of every time metric."""
+    base = _baseline(variants, baseline)
+    if base is None:
+        return {}
+    spreads = {}
+    for variant in variants:
+        per_metric = {metric: round_ratios(variant, base, metric) for metric in PAIRED_METRICS}
+        spreads[variant["name"]] = {
+            metric: spread(values) if values is not None else None for metric, values in per_metric.items()
+        }
+    return spreads
+
+
+def ratio_warnings(
+    ratios: dict[str, dict], spreads: dict[str, dict], baseline: Optional[str] = BASELINE
+) -> list[dict[str, Any]]:
+    """The time ratios of the non-baseline variants that the ratio rule flags, with the reason."""
+    flagged = []
+    for name, row in spreads.items():
+        for metric, metric_spread in row.items():
+            ratio = ratios[name][metric]
+            if name == baseline or ratio is None or metric_spread is None:
+                continue
+            reason = ratio_warning(ratio, metric_spread)
+            if reason is not None:
+                flagged.append(
+                    {
+                        "variant": name,
+                        "metric": metric,
+                        "ratio": ratio,
+                        "q1": metric_spread["q1"],
+                        "q3": metric_spread["q3"],
+                        "reason": reason,
+                    }
+                )
+    return flagged
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -265,6 +365,7 @@ def build_report(
     data_parallel = max(local["dp_rank"] for local in gathered[0]) + 1
     tokens_per_step = args.global_batch_size * args.seq_length
     variants = [summarize_variant(ranks, device, tokens_per_step) for ranks in gathered]
+    ratios, spreads = compute_ratios(variants), compute_ratio_spreads(variants)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": "attnres-profile",
@@ -298,9 +399,14 @@ def build_report(
             "timed": args.timed_steps,
             "instrumented": 1,
             "traced": 1 if args.torch_profiler else 0,
+            "order": "sequential" if args.sequential_variants else "interleaved",
         },
         "methods": {
-            "statistic": "median",
+            "statistic": "median-step",
+            "summary": STATISTIC_METHOD,
+            "order": ORDER_METHODS["sequential" if args.sequential_variants else "interleaved"],
+            "ratios": RATIO_METHOD,
+            "ratio_rule": RATIO_RULE,
             "timing": TIMING_METHOD,
             "memory": MEMORY_METHODS["cuda" if device == "cuda" else "cpu"],
             "pipeline_bytes": PIPELINE_BYTES_METHOD,
@@ -308,5 +414,7 @@ def build_report(
         "torch_profiler_dir": args.torch_profiler,
         "baseline": BASELINE if any(v["name"] == BASELINE for v in variants) else None,
         "variants": variants,
-        "ratios": compute_ratios(variants),
+        "ratios": ratios,
+        "ratio_spreads": spreads,
+        "ratio_warnings": ratio_warnings(ratios, spreads),
     }

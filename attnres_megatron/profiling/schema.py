@@ -2,7 +2,7 @@
 
 ``jsonschema`` validates when it is installed; otherwise a small built-in validator checks
 the subset of JSON Schema the report schema uses (type, properties, required,
-additionalProperties, items, minItems, minimum, enum, const, pattern, local ``$ref``).
+additionalProperties, items, minItems, minimum, enum, const, pattern, anyOf, local ``$ref``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ def builtin_errors(instance: Any, schema: dict, root: dict | None = None, path: 
     if "$ref" in schema:
         return builtin_errors(instance, _resolve(root, schema["$ref"]), root, path)
     errors: list[str] = []
+    if "anyOf" in schema:
+        branches = [builtin_errors(instance, branch, root, path) for branch in schema["anyOf"]]
+        if all(branches):
+            errors.append(f"{path}: matches none of anyOf ({'; '.join(b[0] for b in branches)})")
     if "const" in schema and instance != schema["const"]:
         errors.append(f"{path}: {instance!r} is not {schema['const']!r}")
     if "enum" in schema and not any(

@@ -11,7 +11,7 @@ import torch
 from attnres_megatron.profiling.launcher import SPAWNED_MARKER
 from attnres_megatron.profiling.precision import resolve_precision
 from attnres_megatron.profiling.report import build_report
-from attnres_megatron.profiling.runner import profile_variant
+from attnres_megatron.profiling.runner import profile_variants
 from attnres_megatron.training.distributed import shutdown_parallel
 from attnres_megatron.training.model_setup import initialize_parallel_from_args, validated_launch
 from attnres_megatron.training.pretrain import training_batches
@@ -25,8 +25,7 @@ def run_profile(args: argparse.Namespace, argv: Optional[list[str]] = None) -> O
     try:
         data = training_batches(args, device)
         gathered = []
-        for variant in args.variants:
-            local = profile_variant(args, variant, device, plan, data)
+        for local in profile_variants(args, device, plan, data):
             everyone: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(everyone, local)
             gathered.append(everyone)

@@ -58,7 +58,7 @@ def data_parallel_mean(losses: Sequence[torch.Tensor]) -> float:
     return loss.item() / torch.distributed.get_world_size(group)
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """Every RNG state a forward pass could draw from."""
     states = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -66,8 +66,8 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    """Put back what :func:`_rng_states` saved."""
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` saved."""
     torch.set_rng_state(states["torch"])
     get_cuda_rng_tracker().set_states(states["tracker"])
     if "cuda" in states:
@@ -78,7 +78,7 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
 def evaluation_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Model chunks in eval mode (no dropout) under ``torch.no_grad``; training mode and the
     RNG states are restored afterwards."""
-    states = _rng_states()
+    states = rng_states()
     for chunk in chunks:
         chunk.eval()
     try:
@@ -87,7 +87,7 @@ def evaluation_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     finally:
         for chunk in chunks:
             chunk.train()
-        _restore_rng_states(states)
+        restore_rng_states(states)
 
 
 def forward_only_losses(
