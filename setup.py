@@ -18,6 +18,9 @@ TRITON = "triton>=3.6,<3.10"
 # pretrained directory, through transformers' AutoTokenizer; no torch extras), tiktoken and
 # SentencePiece. The default byte-level tokenizer needs none of them.
 TOKENIZERS = ["transformers", "tokenizers", "sentencepiece", "tiktoken"]
+# tools/convert_hf.py: safetensors weights, the byte-level tokenizer.json, transformers' tokenizers and
+# the exported model's modeling files.
+HUGGING_FACE = ["transformers", "tokenizers", "safetensors"]
 
 setup(
     name="attnres-megatron",
@@ -50,6 +53,7 @@ setup(
         "progress": ["tqdm"],  # attnres-pretrain's progress bar on a terminal
         "megatron-lm": ["six"],  # what Megatron-LM's training loop imports beyond megatron-core's needs
         "tokenizers": TOKENIZERS,  # --tokenizer-type HuggingFaceTokenizer / TikTokenizer / SentencePiece
+        "hf": HUGGING_FACE,  # Hugging Face export and import (tools/convert_hf.py)
         "test": [
             "pytest",
             "pytest-timeout",
@@ -62,12 +66,14 @@ setup(
             "jsonschema",  # the profiler report is validated by jsonschema and the built-in checker
             "six",  # the megatron-lm extra: the Megatron-LM-loop tests (MEGATRON_LM_DIR) import it
             *TOKENIZERS,
+            "safetensors",  # the hf extra's one package beyond the tokenizers extra
         ],
     },
     entry_points={
         "console_scripts": [
             "attnres-pretrain=attnres_megatron.training.pretrain:main",
             "attnres-profile=attnres_megatron.profiling.cli:main",
+            "attnres-generate=attnres_megatron.inference.cli:main",
         ]
     },
 )

@@ -9,8 +9,9 @@ from typing import Optional
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from attnres_megatron.ops.dispatch import validate_impl
+
 ATTN_RES_MODES = ("none", "block", "full")
-ATTN_RES_IMPLS = ("torch", "fused", "two-phase", "reference")
 ATTN_RES_RECOMPUTE_MODULE = "attn_res"
 """Name of the AttnRes entry in ``recompute_modules`` (selective recompute)."""
 
@@ -102,12 +103,14 @@ class AttnResTransformerConfig(TransformerConfig):
     attn_res_num_blocks: Optional[int] = None
     """Number of depth blocks N over the whole model (S = ceil(2L / N))."""
 
-    attn_res_eps: float = 1e-6
-    """Epsilon of the RMS normalisation applied to the depth keys."""
+    attn_res_eps: Optional[float] = None
+    """Epsilon of the RMS normalisation applied to the depth keys; None (the default) takes the
+    model's ``layernorm_epsilon``, as Kimi's models do (resolved in ``__post_init__``)."""
 
-    attn_res_impl: str = "torch"
-    """Aggregation implementation: 'torch' (memory-lean autograd op), 'fused' (Triton kernels),
-    'two-phase' (paper Algorithm 1: batched inter-block pass per block) or 'reference'."""
+    attn_res_impl: str = "auto"
+    """Aggregation implementation (:mod:`attnres_megatron.ops.dispatch`): 'auto' (the fastest
+    for the device), 'torch' (memory-lean eager op), 'fused' (C++ kernels on CPU, Triton on
+    GPU), 'two-phase' (paper Algorithm 1: batched inter-block pass per block) or 'reference'."""
 
     def __post_init__(self) -> None:
         # Megatron validates recompute_modules against its own list; take ours out first.
@@ -131,6 +134,8 @@ class AttnResTransformerConfig(TransformerConfig):
             if not self.num_moe_experts:  # unused without experts, but checked by Megatron
                 self.moe_token_dispatcher_type = "alltoall"
         super().__post_init__()
+        if self.attn_res_eps is None:
+            self.attn_res_eps = self.layernorm_epsilon
         if self.attn_res_recompute:
             self.recompute_modules.append(ATTN_RES_RECOMPUTE_MODULE)
         self.attn_res_sublayers_per_block = resolve_sublayers_per_block(
@@ -144,10 +149,7 @@ class AttnResTransformerConfig(TransformerConfig):
             return
         if not self.attn_res_eps > 0:
             raise ValueError(f"--attn-res-eps must be > 0; got {self.attn_res_eps}.")
-        if self.attn_res_impl not in ATTN_RES_IMPLS:
-            raise ValueError(
-                f"--attn-res-impl must be one of {', '.join(ATTN_RES_IMPLS)}; got {self.attn_res_impl!r}."
-            )
+        validate_impl(self.attn_res_impl)
         unsupported = {
             "apply_residual_connection_post_layernorm": (
                 self.apply_residual_connection_post_layernorm,
@@ -186,7 +188,7 @@ class AttnResTransformerConfig(TransformerConfig):
                 f"--recompute-modules {ATTN_RES_RECOMPUTE_MODULE} needs --recompute-granularity "
                 "selective; add it, or drop the module."
             )
-        if self.attn_res_recompute and self.attn_res_impl == "two-phase":
+        if self.attn_res_recompute and self.attn_res_impl == "two-phase":  # auto takes one pass then
             raise ValueError(
                 f"--recompute-modules {ATTN_RES_RECOMPUTE_MODULE} cannot recompute the two-phase "
                 "aggregation (its block statistics are freed after the forward); use "

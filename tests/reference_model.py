@@ -60,10 +60,11 @@ def attnres_gpt_logits(
     num_layers: int,
     heads: int,
     sublayers_per_block: int,
-    attn_res_eps: float = 1e-6,
+    attn_res_eps: float | None = None,
     norm_eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Logits [b, s, vocab] of the AttnRes GPT for tokens [b, s]."""
+    """Logits [b, s, vocab] of the AttnRes GPT for tokens [b, s] (``attn_res_eps`` None: ``norm_eps``)."""
+    attn_res_eps = norm_eps if attn_res_eps is None else attn_res_eps
     embedding = weights["embedding.word_embeddings.weight"][tokens].transpose(0, 1)
     blocks, partial = [embedding], None
     for sublayer in range(2 * num_layers):

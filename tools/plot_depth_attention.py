@@ -58,22 +58,12 @@ from attnres_megatron.diagnostics.depth import (  # noqa: E402
     format_matrix,
     render_heatmap,
 )
-
-SINGLE_PROCESS = dict(
-    tensor_model_parallel_size=1,
-    pipeline_model_parallel_size=1,
-    num_virtual_stages_per_pipeline_rank=None,
-    decoder_first_pipeline_num_layers=None,
-    decoder_last_pipeline_num_layers=None,
-    pipeline_model_parallel_layout=None,
-    sequence_parallel=False,
-    context_parallel_size=1,
-    expert_model_parallel_size=1,
-    expert_tensor_parallel_size=None,
-    bf16=False,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    device="cpu",
+from attnres_megatron.training.saved_run import (  # noqa: E402
+    build_saved_model,
+    checkpoint_args,
+    load_distributed_checkpoint,
+    model_args,
+    run_tokenizer,
 )
 
 
@@ -89,43 +79,6 @@ def start_single_process(seed: int) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
         )
     initialize_parallel("cpu", seed)
-
-
-def saved_before_megatron_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """The fixed model of runs saved before attnres-pretrain took Megatron-LM's flags (no ``swiglu``
-    key; also the demo model): SwiGLU MLP 4 x hidden wide, no biases, untied output weights, GQA
-    when groups were given, RMSNorm and RoPE unless saved."""
-    from attnres_megatron.models.families import model_shape_from_flags
-
-    if "swiglu" in saved or not model_shape_from_flags(saved.get("model", "gpt")):
-        return {}
-    return dict(
-        swiglu=True,
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=True,
-        group_query_attention=saved.get("num_query_groups") is not None,
-        ffn_hidden_size=saved.get("ffn_hidden_size") or 4 * saved.get("hidden_size", 128),
-        normalization=saved.get("normalization", "RMSNorm"),
-        position_embedding_type=saved.get("position_embedding_type", "rope"),
-    )
-
-
-def model_args(saved: dict[str, Any]) -> argparse.Namespace:
-    """``attnres-pretrain`` defaults updated with ``saved``, made single-process and fp32."""
-    from attnres_megatron.training.arguments import build_parser
-
-    args = build_parser().parse_args([])
-    saved = {**saved, **saved_before_megatron_defaults(saved)}
-    unknown = sorted(set(saved) - set(vars(args)) - {"padded_vocab_size"})
-    if unknown:
-        print(f"note: ignoring unknown saved arguments: {', '.join(unknown)}", file=sys.stderr)
-    for key, value in saved.items():
-        if key in vars(args):
-            setattr(args, key, value)
-    args.padded_vocab_size = saved.get("padded_vocab_size")  # the model's vocabulary (None: not saved)
-    for key, value in SINGLE_PROCESS.items():
-        setattr(args, key, value)
-    return args
 
 
 def demo_args(cli: argparse.Namespace) -> argparse.Namespace:
@@ -147,29 +100,13 @@ def demo_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The whole model for ``args`` on the CPU."""
-    from attnres_megatron.models.families import chunk_inputs, model_family
-    from attnres_megatron.training.model_setup import config_from_args
-
-    config = config_from_args(args, "cpu")
-    if not config.attn_res_enabled:
+    """The whole model for ``args`` on the CPU (an error for a model without depth weights)."""
+    model = build_saved_model(args, "cpu")
+    if not model.config.attn_res_enabled:
         raise SystemExit(
             "error: the model has attention_residuals='none': there are no depth weights to plot."
         )
-    family = model_family(args.model)
-    return family.build_chunk(config, chunk_inputs(args, model_vocab_size(args), "cpu"))
-
-
-def model_vocab_size(args: argparse.Namespace) -> int:
-    """The saved run's vocabulary, else the tokenizer's padded (a demo, or a byte-level older run)."""
-    from attnres_megatron.training.vocabulary import padded_vocab_size
-
-    if args.padded_vocab_size:
-        return args.padded_vocab_size
-    try:
-        return padded_vocab_size(args)
-    except ValueError as error:  # a TokenizerError or VocabularyError naming the flag
-        raise SystemExit(f"error: {error}") from None
+    return model
 
 
 def load_plain_export(model: torch.nn.Module, directory: Path) -> None:
@@ -194,58 +131,6 @@ def load_plain_export(model: torch.nn.Module, directory: Path) -> None:
         )
 
 
-class _ModelOnly:
-    """The one part of a training setup that loading model weights needs: its chunks."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def unwrapped(self) -> list[torch.nn.Module]:
-        return [self.model]
-
-
-def checkpoint_args(root: Path, verify: bool = True) -> tuple[argparse.Namespace, int]:
-    """The saving run's arguments and the latest iteration of the checkpoint under ``root``
-    (its files checked against its sha256 manifest first, unless ``verify`` is False)."""
-    from attnres_megatron.training.checkpointing import (
-        CheckpointError,
-        latest_checkpoint,
-        read_common,
-        verify_checkpoint,
-    )
-
-    try:
-        iteration, path = latest_checkpoint(str(root))
-        note = verify_checkpoint(path, str(root)) if verify else None
-        common = read_common(path, str(root))
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
-    if note:
-        print(note, file=sys.stderr)
-    saved = common.get("args")
-    if not isinstance(saved, dict) or not saved:
-        raise SystemExit(
-            f"error: --load {root}: {path} holds no run arguments; point --load at a directory "
-            "written by attnres-pretrain --save."
-        )
-    return model_args(saved), iteration
-
-
-def load_distributed_checkpoint(model: torch.nn.Module, root: Path) -> None:
-    """Load the model weights of the latest checkpoint under ``root`` (any saved layout)."""
-    from attnres_megatron.training.checkpointing import CheckpointError, load_checkpoint
-
-    try:
-        loaded = load_checkpoint(_ModelOnly(model), str(root), load_optimizer=False, verify=False)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
-    if loaded.warm_start:
-        raise SystemExit(
-            f"error: --load {root}: the checkpoint has no AttnRes parameters "
-            f"({', '.join(loaded.missing_keys[:3])}, ...): it comes from a baseline run."
-        )
-
-
 def save_plain_export(model: torch.nn.Module, args: argparse.Namespace, directory: Path) -> None:
     """Write ``model_state.pt`` and ``args.json`` (the plain export) to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -266,16 +151,6 @@ def corpus_tokens(max_bytes: int, tokenizer: Any = None) -> torch.Tensor:
     for document in bytes(tokens.to(torch.uint8).tolist()).split(b"\0"):
         ids += tokenizer.tokenize(document.decode("utf-8", errors="replace")) + [tokenizer.eod]
     return torch.tensor(ids, dtype=torch.long)
-
-
-def run_tokenizer(args: argparse.Namespace) -> Any:
-    """The tokenizer the saved run trained with (its flags are among the run's arguments)."""
-    from attnres_megatron.training.tokenizers import TokenizerError, build_tokenizer
-
-    try:
-        return build_tokenizer(args)
-    except TokenizerError as error:
-        raise SystemExit(f"error: the run's tokenizer: {error}") from None
 
 
 def record_forward(

@@ -8,7 +8,7 @@ from typing import Optional
 
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import WrappedTensor, get_pg_rank, make_viewless_tensor
+from megatron.core.utils import WrappedTensor, deprecate_inference_params, get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
@@ -17,6 +17,12 @@ from attnres_megatron.layers.two_phase_mixer import with_mixers
 from attnres_megatron.pipeline.megatron_split import layout_from_config
 from attnres_megatron.pipeline.stage_io import StageIO
 
+PIPELINE_INFERENCE_UNSUPPORTED = (
+    "Inference with attention residuals runs without pipeline parallelism: a stage's AttnRes "
+    "payload is not what Megatron-Core's inference pipeline sends. Load the model with "
+    "--pipeline-model-parallel-size 1 (any TP size)."
+)
+
 
 class AttnResTransformerBlock(TransformerBlock):
     """``TransformerBlock`` whose layers share a :class:`DepthState` instead of a residual.
@@ -24,7 +30,8 @@ class AttnResTransformerBlock(TransformerBlock):
     The embedding output is the first source ``b0``. After the last layer of the model,
     ``attn_res_final`` mixes every source (completed blocks and the last partial sum)
     before the final layernorm. With ``attention_residuals='none'`` the block behaves
-    exactly like Megatron-Core's.
+    exactly like Megatron-Core's. Under an inference context the layers' attention keeps its
+    KV cache there; the depth mix is per token, so the depth state needs no cache of its own.
     """
 
     def __init__(self, *args, **kwargs):
@@ -82,8 +89,9 @@ class AttnResTransformerBlock(TransformerBlock):
         inference_params=None,
         dynamic_inference_decode_only=None,
     ) -> Tensor:
-        if inference_context is not None or inference_params is not None:
-            raise ValueError("Inference contexts (KV caches) are not supported with attention residuals.")
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        if inference_context is not None and self.attn_res_io is not None:
+            raise ValueError(PIPELINE_INFERENCE_UNSUPPORTED)
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         state = self._initial_state(hidden_states)
@@ -101,6 +109,7 @@ class AttnResTransformerBlock(TransformerBlock):
             rotary_pos_sin=rotary_pos_sin,
             rotary_pos_cos_sin=rotary_pos_cos_sin,
             attention_bias=attention_bias,
+            inference_context=inference_context,
             packed_seq_params=packed_seq_params,
             sequence_len_offset=sequence_len_offset,
             padding_mask=padding_mask,

@@ -216,7 +216,7 @@ def validate_attn_res_args(args: argparse.Namespace) -> None:
             )
     else:
         resolve_sublayers_per_block(resolved_attn_res_mode(args), num_layers or 1 << 30, *options)
-    if not args.attn_res_eps > 0:
+    if args.attn_res_eps is not None and not args.attn_res_eps > 0:  # None: the model's norm epsilon
         raise ValueError(f"--attn-res-eps must be > 0; got {args.attn_res_eps}.")
     if "attn_res" in (getattr(args, "recompute_modules", None) or ()):
         raise ValueError(

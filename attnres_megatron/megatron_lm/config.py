@@ -23,6 +23,7 @@ RENAMED = {
     "num_layers_in_last_pipeline_stage": "decoder_last_pipeline_num_layers",
     "fp8_param": "fp8_param_gather",
     "pipeline_dtype": "params_dtype",
+    "layernorm_epsilon": "norm_epsilon",
 }
 # Fields set from the negation of an argument: field -> argument.
 NEGATED = {"persist_layer_norm": "no_persist_layer_norm", "batch_p2p_comm": "overlap_p2p_comm"}
@@ -103,4 +104,6 @@ def config_from_megatron_args(args: argparse.Namespace) -> AttnResTransformerCon
     """The AttnRes config for Megatron-LM arguments (``attention_residuals='none'`` unless asked)."""
     family = model_family(args.model)
     fields = family.megatron_lm_fields(transformer_config_kwargs(args))
-    return family.make_config(**fields, **attn_res_overrides(args))
+    config = family.make_config(**fields, **attn_res_overrides(args))
+    args.attn_res_eps = config.attn_res_eps  # the resolved value, saved in Megatron-LM's checkpoints
+    return config

@@ -8,13 +8,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from attnres_megatron.config import ATTN_RES_IMPLS, ATTN_RES_MODES
+from attnres_megatron.config import ATTN_RES_MODES
 from attnres_megatron.models.families import MODEL_FAMILIES, ffn_hidden_size, model_family
 from attnres_megatron.models.specs import (
     CONTEXT_PARALLEL_NEEDS_TE,
     TRANSFORMER_IMPLS,
     resolve_transformer_impl,
 )
+from attnres_megatron.ops.dispatch import ATTN_RES_IMPLS
 from attnres_megatron.training.early_checks import (
     validate_numbers,
     validate_optional_packages,
@@ -81,10 +82,18 @@ def add_attn_res_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="Number of depth blocks N over the model (S = ceil(2L / N)).",
     )
     group.add_argument(
-        "--attn-res-eps", type=float, default=1e-6, help="Epsilon of the RMS normalisation of depth keys."
+        "--attn-res-eps",
+        type=float,
+        default=None,
+        help="Epsilon of the RMS normalisation of depth keys (default: the model's norm epsilon, "
+        "--norm-epsilon or a preset's; attnres-pretrain --load keeps the checkpoint's own).",
     )
     group.add_argument(
-        "--attn-res-impl", choices=ATTN_RES_IMPLS, default="torch", help="Aggregation implementation."
+        "--attn-res-impl",
+        choices=ATTN_RES_IMPLS,
+        default="auto",
+        help="Aggregation implementation: auto (default: the fastest for the device, the log names "
+        "it), torch, fused, two-phase or reference.",
     )
     return parser
 

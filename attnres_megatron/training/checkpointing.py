@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ from megatron.core.tensor_parallel.random import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
+from attnres_megatron.models.families import model_family
 from attnres_megatron.training import checkpoint_format, resume, safe_unpickle
 from attnres_megatron.training.checkpoint_files import (
     MEGATRON_METADATA,
@@ -365,6 +367,36 @@ def read_common(path: str, root: str) -> dict[str, Any]:
     return common
 
 
+def saved_attn_res_eps(root: str) -> Optional[float]:
+    """The key RMS epsilon the latest checkpoint under ``root`` was trained with: None when it is
+    unknown, the saved model has no AttnRes, or the checkpoint is unreadable (the load reports that)."""
+    try:
+        _, path = latest_checkpoint(root)
+        saved = _saved_args(read_common(path, root))
+        mode = model_family(saved.get("model", "gpt")).attention_residuals(saved.get("attention_residuals"))
+    except (CheckpointError, ValueError):
+        return None
+    eps = saved.get("attn_res_eps")
+    if mode == "none" or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return float(eps)
+
+
+def require_optimizer_state(root: str, path: str, names: Optional[Iterable[str]] = None) -> None:
+    """Refuse resuming the optimizer from a checkpoint that holds model weights only (an import);
+    ``names``: its tensors, when the caller has read them."""
+    if names is None:
+        try:
+            names = dist_checkpointing.load_tensors_metadata(path)
+        except READ_ERRORS as error:
+            raise CheckpointError(f"--load {root}: cannot read {path}: {_reason(error)}") from None
+    if not any(name.startswith("optimizer.") for name in names):
+        raise CheckpointError(
+            f"--load {root}: {path} holds model weights without optimizer state (e.g. written by "
+            "tools/convert_hf.py import); pass --no-load-optim to train on from these weights."
+        )
+
+
 def _refuse_unmappable(root: str, path: str, common: dict, resume_state: bool) -> None:
     """A clear error naming each field of the checkpoint that attnres-pretrain cannot map."""
     problems = checkpoint_format.refusals(common, _saved_args(common), resume_state)
@@ -402,6 +434,7 @@ def checkpoint_preflight(args: argparse.Namespace, config: Any) -> Preflight:
                 return result
             _refuse_unmappable(args.load, path, common, not args.no_load_optim)
             if not args.no_load_optim:
+                require_optimizer_state(args.load, path)
                 result.lines += _resume_state_checks(args, common, saved_args)
             saved_batch = saved_args.get("global_batch_size")
             if isinstance(saved_batch, int) and saved_batch != args.global_batch_size:
@@ -543,6 +576,7 @@ def load_checkpoint(
         }
     _refuse_unmappable(root, path, common, load_optimizer and not warm_start)
     if not warm_start and load_optimizer:  # optimizer and per-rank RNG need the saving layout
+        require_optimizer_state(root, path, available)
         request["optimizer"] = setup.optimizer.sharded_state_dict(request, is_loading=True, metadata=metadata)
         request["rng_state"] = _rng_state() if megatron_format else _legacy_rng_state()
     try:
@@ -561,6 +595,9 @@ def load_checkpoint(
         ]
         if unexpected:
             raise CheckpointError(f"--load {root}: parameters not restored: {unexpected[:3]}")
+    optimizer = getattr(setup, "optimizer", None)
+    if optimizer is not None and (warm_start or not load_optimizer):
+        optimizer.reload_model_params()  # bf16: fp32 main copies from the loaded weights, as Megatron-LM
     if warm_start:
         return LoadedCheckpoint(0, None, True, missing_names, notes=notes)
     saved_args = _saved_args(common)

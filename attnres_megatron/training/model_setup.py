@@ -75,9 +75,11 @@ def config_from_args(args: argparse.Namespace, device: str) -> AttnResTransforme
     """The Megatron config for these arguments; ``ValueError`` names a bad option."""
     family = model_family(args.model)
     args.attention_residuals = family.mode_flag(args.attention_residuals)
-    return family.make_config(
+    config = family.make_config(
         **family.flag_fields(args), **parallel_fields(args, device), **attn_res_overrides(args)
     )
+    args.attn_res_eps = config.attn_res_eps  # the resolved value, saved with the run's arguments
+    return config
 
 
 def gpt_model_kwargs(args: argparse.Namespace) -> dict:

@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 
 from attnres_megatron.models.families import model_family
+from attnres_megatron.ops.dispatch import choose
 from attnres_megatron.pipeline.ledger import get_byte_ledger
 from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args
@@ -27,6 +28,7 @@ from attnres_megatron.training.checkpointing import (
     load_checkpoint,
     new_run_id,
     save_checkpoint,
+    saved_attn_res_eps,
 )
 from attnres_megatron.training.collective_errors import exit_on_collective_failure
 from attnres_megatron.training.data import (
@@ -132,6 +134,8 @@ def train(args: argparse.Namespace) -> dict:
     """Validate everything, start the process groups, run the training loop."""
     launch, device = validated_launch(args)
     hide_cpu_advice(device, args.verbose_warnings)
+    if args.load and args.attn_res_eps is None:  # a resumed model keeps the epsilon it trained with
+        args.attn_res_eps = saved_attn_res_eps(args.load)
     try:
         config = config_from_args(args, device)
     except ValueError as error:
@@ -181,11 +185,22 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         else ""
     )
     name = model_family(args.model).display_name
-    return (
+    lines = [
         f"> {name}: {params:,} parameters on this rank, {config.num_layers} layers, hidden "
         f"{config.hidden_size}{moe}, attention residuals: {attn_res}, device {device}"
-        f"{', bf16' if args.bf16 else ''}\n> {parallel}"
-    )
+        f"{', bf16' if args.bf16 else ''}",
+        f"> {parallel}",
+    ]
+    if config.attn_res_enabled:
+        choice = choose(
+            config.attn_res_impl,
+            device,
+            config.params_dtype,
+            config.attention_residuals,
+            config.attn_res_recompute,
+        )
+        lines.append(f"> {choice.describe()}")
+    return "\n".join(lines)
 
 
 def grads_are_finite(setup: TrainingSetup) -> bool:

@@ -1,9 +1,9 @@
 """Quiet start: hide known upstream warnings and name the missing optional packages in one line.
 
-The command-line entry points (``attnres-pretrain``, ``attnres-profile`` and the Megatron-LM
-driver) filter the warnings listed here -- fallbacks Megatron-Core announces when Transformer
-Engine or Apex is absent, a deprecation raised by its own default, CUDA advice on CPU runs --
-before Megatron-Core is imported, and print one line naming the optional packages that are
+The command-line entry points (``attnres-pretrain``, ``attnres-profile``, ``attnres-generate``
+and the Megatron-LM driver) filter the warnings listed here -- fallbacks Megatron-Core announces
+when Transformer Engine or Apex is absent, a deprecation raised by its own default, CUDA advice on
+CPU runs -- before Megatron-Core is imported, and print one line naming the optional packages that are
 missing instead. ``--verbose-warnings`` turns the filters off. Only the standard library is
 imported here, so the filters can be installed before anything else.
 """
@@ -27,10 +27,11 @@ VERBOSE_HELP = (
 )
 
 # How the entry points are started: console scripts, and modules run with -m (or as files).
-ENTRY_SCRIPTS = ("attnres-pretrain", "attnres-profile")
+ENTRY_SCRIPTS = ("attnres-pretrain", "attnres-profile", "attnres-generate")
 ENTRY_MODULES = (
     "attnres_megatron.training.pretrain",
     "attnres_megatron.profiling.cli",
+    "attnres_megatron.inference.cli",
     "attnres_megatron.megatron_lm.pretrain_gpt_attnres",
 )
 
