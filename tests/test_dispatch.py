@@ -174,3 +174,16 @@ def test_two_phase_choice_and_layer_wiring():
     assert AttnResTransformerConfig(**fields).attn_res_impl == "auto"
     with pytest.raises(ValueError, match="--attn-res-impl must be one of"):
         AttnResTransformerConfig(**fields, attn_res_impl="cuda")
+
+
+def test_without_autograd_auto_is_one_pass_and_the_kernel_is_called_directly():
+    """Generation and evaluation: no two-phase statistics, no autograd Function, same values."""
+    from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
+
+    with torch.no_grad():
+        assert algorithm_for("auto", "block", "cpu") == "one-pass"
+    sources, query, gain, _ = inputs(5, torch.float32, seed=4)
+    with torch.no_grad():
+        fast = aggregate_cpu_fused(sources, query, gain, EPS)
+    assert fast.grad_fn is None and fast.shape == sources[0].shape
+    assert torch.equal(fast, aggregate_cpu_fused(sources, query, gain, EPS).detach())

@@ -38,16 +38,23 @@ def contiguous_rows(tensor: Tensor) -> Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
+def fused_forward(
+    sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The C++ forward: the mix, and the logits and inverse RMS ``[n, T]`` backward needs."""
+    dtype = sources[0].dtype
+    rows = [contiguous_rows(s.to(dtype)) for s in sources]
+    stats = compute_dtype(dtype)
+    weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
+    return cpu_extension().fused_forward(rows, weighted_query, float(eps))
+
+
 class CpuFusedAttnResAggregate(torch.autograd.Function):
     """AttnRes aggregation with the fused C++ kernels (CPU tensors)."""
 
     @staticmethod
     def forward(ctx, query: Tensor, gain: Tensor, eps: float, *sources: Tensor) -> Tensor:
-        dtype = sources[0].dtype
-        rows = [contiguous_rows(s.to(dtype)) for s in sources]
-        stats = compute_dtype(dtype)
-        weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
-        out, logits, inv_rms = cpu_extension().fused_forward(rows, weighted_query, float(eps))
+        out, logits, inv_rms = fused_forward(sources, query, gain, eps)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
 
@@ -79,7 +86,10 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
 
 
 def aggregate_cpu_fused(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float) -> Tensor:
-    """Fused C++ AttnRes aggregation of CPU ``sources`` (each ``[..., h]``)."""
+    """Fused C++ AttnRes aggregation of CPU ``sources`` (each ``[..., h]``); without autograd
+    (generation, evaluation) the forward kernel is called directly, with nothing saved."""
     if len(sources) == 0:
         raise ValueError("AttnRes aggregation needs at least one source.")
+    if not torch.is_grad_enabled():
+        return fused_forward(sources, query, gain, eps)[0]
     return CpuFusedAttnResAggregate.apply(query, gain, eps, *sources)

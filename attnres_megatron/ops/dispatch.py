@@ -73,13 +73,16 @@ def algorithm_for(
     mode ``attention_residuals`` whose tensors live on ``device_type``.
 
     ``auto`` takes two-phase where it wins (:data:`AUTO_TWO_PHASE`): Block AttnRes on CPU with
-    the C++ kernels built, unless the aggregation is recomputed (two-phase frees its block
-    statistics after the forward).
+    the C++ kernels built, in training (its gain is the backward's traffic: without autograd,
+    as in generation, one pass is cheaper), unless the aggregation is recomputed (two-phase
+    frees its block statistics after the forward).
     """
     validate_impl(impl)
     if impl != "auto":
         return IMPL_TABLE[impl][0]
-    wins = AUTO_TWO_PHASE.get(device_type, False) and attention_residuals == "block"
+    wins = (
+        AUTO_TWO_PHASE.get(device_type, False) and attention_residuals == "block" and torch.is_grad_enabled()
+    )
     if wins and not attn_res_recompute and cpp_build_error() is None:
         return "two-phase"
     return "one-pass"
@@ -188,11 +191,16 @@ def one_pass_function(impl: str) -> Callable:
         return backend_function(impl)
     validate_impl(impl)
 
+    chosen: dict[tuple[str, torch.dtype, bool], Callable] = {}  # decided once per kind of call
+
     def aggregate_sources(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float) -> Tensor:
         if len(sources) == 0:
             raise ValueError("AttnRes aggregation needs at least one source.")
-        backend = backend_for(impl, sources[0].device.type, sources[0].dtype, len(sources))
-        return backend_function(backend)(sources, query, gain, eps)
+        first = sources[0]
+        key = (first.device.type, first.dtype, len(sources) > MAX_TRITON_SOURCES)
+        if key not in chosen:
+            chosen[key] = backend_function(backend_for(impl, first.device.type, first.dtype, len(sources)))
+        return chosen[key](sources, query, gain, eps)
 
     return aggregate_sources
 
