@@ -215,6 +215,11 @@ MARKS = {
     "test_hf_export.py::test_the_exported_directory_runs_without_attnres_megatron_or_megatron": SLOW,
     "test_hf_export.py::test_left_padded_batches_compute_what_each_prompt_computes_alone": SLOW,
     "test_hf_export.py::test_the_command_line_converts_and_attnres_pretrain_trains_on": SLOW,
+    # test_compare_residuals.py: the `sweep` fixture (three forked attnres-pretrain runs) and its users.
+    "test_compare_residuals.py::test_a_tiny_sweep_writes_the_json_the_markdown_and_the_plots": SLOW,
+    "test_compare_residuals.py::test_variants_read_the_same_batches_from_the_same_shared_weights": SLOW,
+    "test_compare_residuals.py::test_the_baseline_rms_probe_measures_what_the_depth_recorder_measures": SLOW,
+    "test_compare_residuals.py::test_a_second_sweep_skips_finished_runs_and_resumes_a_partial_one": SLOW,
 }
 NO_GPU_REASON = (
     "needs a CUDA device (torch.cuda.is_available() is False): run TRITON_INTERPRET=0 python -m pytest "

@@ -15,12 +15,12 @@ import torch
 from test_pipeline_tools import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = [
+TINY_MODEL = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
-    "--micro-batch-size", "2", "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
-    "--log-interval", "2", "--save-interval", "2", "--corpus-bytes", "200000", "--split", "80,20,0",
-    "--device", "cpu",
+    "--micro-batch-size", "2", "--eval-interval", "2", "--eval-iters", "1", "--log-interval", "2",
+    "--save-interval", "2", "--corpus-bytes", "200000", "--split", "80,20,0", "--device", "cpu",
 ]  # fmt: skip
+TINY = [*TINY_MODEL, "--train-iters", "4"]
 SWEEP = ["--seeds", "1", "--variants", "baseline", "block", "full", "--attn-res-num-blocks", "2", *TINY]
 
 
@@ -100,7 +100,7 @@ def test_a_tiny_sweep_writes_the_json_the_markdown_and_the_plots(sweep):
         assert f"(plots/{name}.png)" in text
 
 
-def test_every_variant_reads_the_same_batches_and_starts_from_the_same_shared_weights(sweep, reseed):
+def test_variants_read_the_same_batches_from_the_same_shared_weights(sweep, reseed):
     from attnres_megatron.models.families import chunk_inputs, model_family
     from attnres_megatron.training.arguments import parse_args, validate_args
     from attnres_megatron.training.model_setup import config_from_args
@@ -166,7 +166,7 @@ def test_the_statistics_against_a_hand_computation():
         {"variant": variant, "seed": seed, "final_validation_loss": loss, "tokens_per_second": 100.0 + seed}
         for variant, losses in finals.items()
         for seed, loss in zip((1, 2, 3), losses)
-    ]
+    ] + [{"variant": "block", "seed": 4, "status": "not started"}]  # not counted
     stats = compare.variant_statistics(runs, list(finals))
     # By hand: baseline mean 4.05, deviations -0.05, 0.05, 0 -> sd sqrt(0.005 / 2) = 0.05.
     assert stats["baseline"]["mean"] == pytest.approx(4.05) and stats["baseline"]["sd"] == pytest.approx(0.05)
@@ -205,7 +205,17 @@ def test_flags_the_tool_sets_itself_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--output-dir", str(tmp_path), *TINY, "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--output-dir", str(tmp_path), "--train-tokens", "1000", *TINY])
+    assert "give --train-tokens or --train-iters, not both" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+    # --train-tokens: ceil(1000 tokens / (2 sequences x 32 tokens)) = 16 iterations.
+    cli, passthrough = compare.parse_cli(
+        ["--output-dir", str(tmp_path), "--train-tokens", "1000", *TINY_MODEL]
+    )
+    argv = compare.common_argv(cli, passthrough)
+    assert argv[argv.index("--train-iters") + 1] == "16"
 
 
 def test_a_second_sweep_skips_finished_runs_and_resumes_a_partial_one(sweep, tmp_path, monkeypatch, capsys):
@@ -221,20 +231,22 @@ def test_a_second_sweep_skips_finished_runs_and_resumes_a_partial_one(sweep, tmp
     (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2")
     shutil.rmtree(run / "checkpoints" / "iter_0000004")
 
+    capsys.readouterr()
     status, launched = run_tool(output, monkeypatch)
     assert status == 0
+    assert capsys.readouterr().out.count("finished already, skipped") == 2  # baseline and Block
     assert len(launched) == 1 and str(run) in launched[0]
     assert launched[0][-2:] == ["--load", str(run / "checkpoints")]
     assert batch_digests(output, "full-seed1") == batch_digests(output, "baseline-seed1")
     report = json.loads((output / "compare_residuals.json").read_text())
     assert report["runs"][2]["final_validation_loss"] == finished["final_validation_loss"]  # bitwise resume
 
-    capsys.readouterr()
-    status, launched = run_tool(output, monkeypatch)
-    assert status == 0 and launched == []
-    assert capsys.readouterr().out.count("finished already, skipped") == 3
+    # The same directory with other training flags is refused before anything starts.
+    with pytest.raises(SystemExit, match="belongs to a sweep with other arguments"):
+        run_tool(output, monkeypatch, "--lr", "1e-4")
 
-    # --report-only starts nothing and writes the plots where it is told.
+    # --report-only (every run finished) starts nothing and writes the plots where it is told.
     plots = tmp_path / "p"
     assert compare.main(["--output-dir", str(output), "--report-only", "--plots-dir", str(plots)]) == 0
     assert sorted(p.name for p in plots.iterdir()) == sorted(compare.PLOTS.values())
+    assert "Runs finished: 3 of 3" in (output / "compare_residuals.md").read_text()

@@ -48,17 +48,54 @@ def test_every_impl_has_an_algorithm():
         algorithm_for("fast")
 
 
+BIG = dispatch.TWO_PHASE_MIN_BYTES
+
+
 @pytest.mark.parametrize(
-    ("mode", "device_type", "recompute", "want"),
+    ("mode", "device_type", "recompute", "stream_bytes", "want"),
     [
-        ("block", "cpu", False, "two-phase"),
-        ("block", "cpu", True, "one-pass"),  # two-phase frees its statistics: no recompute
-        ("full", "cpu", False, "one-pass"),
-        ("block", "cuda", False, "one-pass"),
+        ("block", "cpu", False, BIG, "two-phase"),
+        ("block", "cpu", False, BIG - 1, "one-pass"),  # in cache: per-call overhead dominates
+        ("block", "cpu", True, BIG, "one-pass"),  # two-phase frees its statistics: no recompute
+        ("full", "cpu", False, BIG, "one-pass"),
+        ("block", "cuda", False, BIG, "one-pass"),
     ],
 )
-def test_auto_algorithm(mode, device_type, recompute, want):
-    assert algorithm_for("auto", mode, device_type, recompute) == want
+def test_auto_algorithm(mode, device_type, recompute, stream_bytes, want):
+    assert algorithm_for("auto", mode, device_type, recompute, stream_bytes) == want
+
+
+def test_the_model_decides_from_its_own_tensors():
+    from types import SimpleNamespace
+
+    from attnres_megatron.layers.depth_state import DepthState
+    from attnres_megatron.layers.two_phase_mixer import with_mixers
+
+    config = SimpleNamespace(
+        attn_res_impl="auto",
+        attention_residuals="block",
+        attn_res_recompute=False,
+        attn_res_sublayers_per_block=2,
+    )
+    small = DepthState.from_embedding(torch.zeros(512, 1, 256))  # hidden 256, 512 tokens: 0.5 MiB
+    large = DepthState.from_embedding(torch.zeros(1024, 1, 1024))  # 4 MiB
+    assert with_mixers(small, [], config).mixer_factory is None
+    assert with_mixers(large, [], config).mixer_factory is not None
+    with torch.no_grad():
+        assert with_mixers(large, [], config).mixer_factory is None
+
+
+def test_stream_bytes_follow_the_split_sequence():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        context_parallel_size=2,
+        sequence_parallel=True,
+        tensor_model_parallel_size=2,
+        hidden_size=256,
+        params_dtype=torch.bfloat16,
+    )
+    assert dispatch.stream_bytes(config, seq_length=4096, micro_batch_size=2) == 4096 * 2 // 4 * 256 * 2
 
 
 def test_auto_block_on_cpu_without_cpp_is_one_pass(monkeypatch):
@@ -70,9 +107,13 @@ def test_auto_block_on_cpu_without_cpp_is_one_pass(monkeypatch):
 def test_auto_on_cpu_runs_the_cpp_kernels(dtype):
     assert backend_for("auto", "cpu", dtype) == "cpp"
     prefix = "AttnRes aggregation: --attn-res-impl auto -> "
-    full, block = (choose("auto", "cpu", dtype, mode).describe() for mode in ("full", "block"))
+    full, block = (
+        choose("auto", "cpu", dtype, mode, stream_bytes=BIG).describe() for mode in ("full", "block")
+    )
     assert full.startswith(prefix + "one-pass with the C++ kernels (cpu, ")
     assert block.startswith(prefix + "two-phase with the C++ kernels (cpu, ")
+    small = choose("auto", "cpu", dtype, "block", stream_bytes=BIG // 8).describe()
+    assert small.startswith(prefix + "one-pass with the C++ kernels (cpu, ")
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -181,7 +222,7 @@ def test_without_autograd_auto_is_one_pass_and_the_kernel_is_called_directly():
     from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
 
     with torch.no_grad():
-        assert algorithm_for("auto", "block", "cpu") == "one-pass"
+        assert algorithm_for("auto", "block", "cpu", stream_bytes=BIG) == "one-pass"
     sources, query, gain, _ = inputs(5, torch.float32, seed=4)
     with torch.no_grad():
         fast = aggregate_cpu_fused(sources, query, gain, EPS)

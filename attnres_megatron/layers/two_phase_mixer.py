@@ -65,9 +65,15 @@ def layer_depth_attention(layers) -> dict[int, DepthAttention]:
 def with_mixers(state: DepthState, layers, config) -> DepthState:
     """``state`` set up for ``config.attn_res_impl`` over ``layers`` (unchanged unless two-phase)."""
     sources = state.sources()
-    device_type = sources[0].device.type if sources else "cpu"
+    if not sources:
+        return state
+    first = sources[0]
     algorithm = algorithm_for(
-        config.attn_res_impl, config.attention_residuals, device_type, config.attn_res_recompute
+        config.attn_res_impl,
+        config.attention_residuals,
+        first.device.type,
+        config.attn_res_recompute,
+        first.numel() * first.element_size(),
     )
     if algorithm != "two-phase":
         return state

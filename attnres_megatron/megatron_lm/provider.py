@@ -13,7 +13,7 @@ from attnres_megatron.megatron_lm.arguments import attnres_requested, resolved_d
 from attnres_megatron.megatron_lm.config import config_from_megatron_args
 from attnres_megatron.models.families import chunk_inputs, model_family
 from attnres_megatron.models.gpt import AttnResGPTModel
-from attnres_megatron.ops.dispatch import choose
+from attnres_megatron.ops.dispatch import choose, stream_bytes
 
 MEGATRON_LM_MISSING = (
     "Megatron-LM's training package (megatron.training) is not importable: the megatron-core "
@@ -103,6 +103,7 @@ def _log_aggregation_choice(config: AttnResTransformerConfig, args: argparse.Nam
         config.params_dtype,
         config.attention_residuals,
         config.attn_res_recompute,
+        stream_bytes(config, args.seq_length, args.micro_batch_size),
     )
     print_rank_0(f"> {choice.describe()}")
 

@@ -13,9 +13,9 @@ Two separate choices:
 
 ``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, is the fastest
 correct choice measured in ``docs/benchmarks.md``: on CPU the C++ kernels (the eager op if the
-C++ toolchain cannot build them), two-phase for Block AttnRes (:data:`AUTO_TWO_PHASE`) and one
-pass for Full; on GPU one pass with the Triton kernels (the eager op without Triton, for fp64
-or beyond the kernels' source count).
+C++ toolchain cannot build them), two-phase for Block AttnRes on large tensors
+(:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise; on GPU one pass with the Triton kernels
+(the eager op without Triton, for fp64 or beyond the kernels' source count).
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ does not import Triton)."""
 TWO_PHASE_BACKENDS = ("auto", "cpp", "torch")
 """Backends of the two-phase passes (``auto``: C++ on CPU tensors when built, else eager)."""
 
-AUTO_TWO_PHASE = {"cpu": True, "cuda": False}
-"""Device types where ``auto`` runs Block AttnRes two-phase (measured: ``docs/benchmarks.md``)."""
+TWO_PHASE_MIN_BYTES = 4 << 20
+"""Smallest ``[s, b, h]`` tensor (bytes) for which ``auto`` runs Block AttnRes two-phase on CPU:
+the C++ kernels' streaming-store threshold (``csrc/rows.h``), below which tensors stay in cache.
+Measured (``docs/benchmarks.md``, "Default aggregation"): one pass is faster per step at 0.5 and
+1 MiB (hidden 256 and 512, 512 tokens), two-phase per sublayer at 18 MiB (hidden 2304, 2048
+tokens)."""
 
 IMPL_TABLE = {
     # impl: (algorithm, CPU backend, GPU backend); "best" = C++ on CPU / Triton on GPU, else torch.
@@ -67,23 +71,27 @@ def validate_impl(impl: str) -> None:
 
 
 def algorithm_for(
-    impl: str, attention_residuals: str = "block", device_type: str = "cpu", attn_res_recompute: bool = False
+    impl: str,
+    attention_residuals: str = "block",
+    device_type: str = "cpu",
+    attn_res_recompute: bool = False,
+    stream_bytes: int = 0,
 ) -> str:
     """The algorithm ``--attn-res-impl impl`` runs (``one-pass`` or ``two-phase``) for a model in
-    mode ``attention_residuals`` whose tensors live on ``device_type``.
+    mode ``attention_residuals`` whose ``[s, b, h]`` tensors live on ``device_type`` and hold
+    ``stream_bytes`` each.
 
-    ``auto`` takes two-phase where it wins (:data:`AUTO_TWO_PHASE`): Block AttnRes on CPU with
-    the C++ kernels built, in training (its gain is the backward's traffic: without autograd,
-    as in generation, one pass is cheaper), unless the aggregation is recomputed (two-phase
-    frees its block statistics after the forward).
+    ``auto`` takes two-phase where it wins: Block AttnRes on CPU with the C++ kernels built,
+    tensors of at least :data:`TWO_PHASE_MIN_BYTES` (smaller ones stay in cache, where the
+    per-call overhead of two-phase outweighs the traffic it saves), in training (its gain is
+    the backward's traffic; without autograd, as in generation, one pass is cheaper), unless the
+    aggregation is recomputed (two-phase frees its block statistics after the forward).
     """
     validate_impl(impl)
     if impl != "auto":
         return IMPL_TABLE[impl][0]
-    wins = (
-        AUTO_TWO_PHASE.get(device_type, False) and attention_residuals == "block" and torch.is_grad_enabled()
-    )
-    if wins and not attn_res_recompute and cpp_build_error() is None:
+    wins = device_type == "cpu" and attention_residuals == "block" and stream_bytes >= TWO_PHASE_MIN_BYTES
+    if wins and torch.is_grad_enabled() and not attn_res_recompute and cpp_build_error() is None:
         return "two-phase"
     return "one-pass"
 
@@ -229,11 +237,22 @@ def choose(
     dtype: torch.dtype,
     attention_residuals: str = "block",
     attn_res_recompute: bool = False,
+    stream_bytes: int = 0,
 ) -> AggregationChoice:
-    """The algorithm and backend ``impl`` runs on ``device_type`` with ``dtype``."""
-    algorithm = algorithm_for(impl, attention_residuals, device_type, attn_res_recompute)
+    """The algorithm and backend ``impl`` runs on ``device_type`` with ``dtype`` for ``[s, b, h]``
+    tensors of ``stream_bytes``."""
+    algorithm = algorithm_for(impl, attention_residuals, device_type, attn_res_recompute, stream_bytes)
     if algorithm == "two-phase":
         backend = "cpp" if device_type == "cpu" and cpp_build_error() is None else "torch"
     else:
         backend = backend_for(impl, device_type, dtype)
     return AggregationChoice(impl, algorithm, backend, device_type, dtype)
+
+
+def stream_bytes(config, seq_length: int, micro_batch_size: int) -> int:
+    """Bytes of one ``[s, b, h]`` tensor on this rank for a Megatron ``config`` (the sequence is
+    split over tensor-parallel ranks with sequence parallelism, and over context-parallel ranks)."""
+    tokens = seq_length * micro_batch_size // config.context_parallel_size
+    if config.sequence_parallel:
+        tokens //= config.tensor_model_parallel_size
+    return tokens * config.hidden_size * torch.empty(0, dtype=config.params_dtype).element_size()
