@@ -66,4 +66,8 @@ def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):
         assert row["fused_ms"] is not None and row["fused_ms"] > 0
         assert row["two_phase_ms"] > 0 and row["two_phase_eager_ms"] > 0
         assert row["bytes_moved"] == (3 * row["n"] + 2) * 16 * 32 * 4
+        # The copy reads the n sources and the gradient once and writes each once.
+        copied = 2 * (row["n"] + 1) * 16 * 32 * 4
+        assert row["copy_bandwidth_gbs"] == pytest.approx(copied / (row["copy_ms"] * 1e-3) / 1e9)
+        assert row["bound_ms"] == pytest.approx(row["bytes_moved"] / (row["copy_bandwidth_gbs"] * 1e9) * 1e3)
     assert result["meta"]["malloc"] == "retain"
