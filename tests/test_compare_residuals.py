@@ -83,6 +83,7 @@ def test_a_tiny_sweep_writes_the_json_the_markdown_and_the_plots(sweep):
         assert run["final_validation_loss"] == pytest.approx(sum(printed[4]) / 2, rel=1e-6)
         assert list(run["output_rms"]) == ["L1.attn", "L1.mlp", "L2.attn", "L2.mlp", "final"]
         assert list(run["grad_norm"]) == ["L1", "L2"] and all(v > 0 for v in run["grad_norm"].values())
+        assert run["depth_iterations"] == [4]  # the log iterations of the last quarter (1, 2 and 4 logged)
         assert run["tokens_per_second"] > 0
     stats = report["variants"]
     assert stats["baseline"]["difference_to_baseline"] is None

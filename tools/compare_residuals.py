@@ -230,7 +230,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     cli, passthrough = parser.parse_known_args(argv)
     cli.seeds = list(dict.fromkeys(cli.seeds))
     cli.variants = [v for v in VARIANTS if v in cli.variants]
-    managed = [flag for flag in MANAGED if flag != "--attn-res-num-blocks" and flag_given(passthrough, flag)]
+    managed = [flag for flag in MANAGED if flag_given(passthrough, flag)]
     if managed:
         parser.error(f"{', '.join(managed)}: set by this tool for each run (use --seeds, --variants).")
     if cli.attn_res_num_blocks < 1:
@@ -439,8 +439,7 @@ def pre_norms(chunks: Sequence[Any]) -> Iterator[tuple[str, Any]]:
 
 
 class SublayerInputRMS:
-    """RMS of the tensor entering each pre-norm while attached (the recorder's ``rms`` for
-    AttnRes, the residual stream for the baseline), over every call."""
+    """RMS of what enters each pre-norm while attached: AttnRes's mix, the baseline's residual stream."""
 
     def __init__(self, chunks: Sequence[Any]) -> None:
         self.norms = list(pre_norms(chunks))
@@ -460,6 +459,7 @@ class SublayerInputRMS:
         self.handles = []
 
     def _hook(self, name: str) -> Callable[..., None]:
+        """A pre-hook adding the squared norm and the size of the norm's input under ``name``."""
         import torch
 
         def hook(module: Any, args: tuple) -> None:
@@ -545,6 +545,7 @@ def observed_training_loop(base: type, observations: Observations) -> type:
             observations.write(self.start_record())
 
         def start_record(self) -> dict[str, Any]:
+            """The run's model, device and, before the first step, its shared weights' digest."""
             chunks = self.setup.unwrapped()
             device = next(chunks[0].parameters()).device.type
             shared, count = shared_weights_digest(chunks) if self.start_iteration == 0 else (None, None)
@@ -560,11 +561,14 @@ def observed_training_loop(base: type, observations: Observations) -> type:
             }
 
         def record_batches(self, batches: list) -> None:
+            """One step's batch digest."""
             observations.write(
                 {"event": "batch", "iteration": self.iteration, "sha256": batch_digest(batches)}
             )
 
         def observed_evaluation(self, evaluate: Callable[[int], None], kind: str) -> Callable[[int], None]:
+            """``evaluate``, its results recorded as ``kind`` evaluations."""
+
             def run(iteration: int) -> None:
                 done = len(self.evaluator.results)
                 evaluate(iteration)
@@ -574,6 +578,7 @@ def observed_training_loop(base: type, observations: Observations) -> type:
             return run
 
         def step(self, iteration: int) -> Any:
+            """The step, with the RMS probe attached on log iterations (when the recorder is)."""
             self.iteration = iteration
             if self.recorder is None or not self.logging_iteration(iteration):
                 return super().step(iteration)
@@ -581,6 +586,7 @@ def observed_training_loop(base: type, observations: Observations) -> type:
                 return super().step(iteration)
 
         def log_depth(self, iteration: int) -> None:
+            """The depth diagnostics, also recorded (with the probe's RMS; the weights at the end)."""
             super().log_depth(iteration)
             snapshot = self.recorder.snapshot()
             record = {
@@ -595,6 +601,7 @@ def observed_training_loop(base: type, observations: Observations) -> type:
             observations.write(record)
 
         def run(self) -> int:
+            """Training, its iterations and training seconds recorded."""
             iteration = super().run()
             seconds = self.clock.elapsed()
             start = self.start_iteration
@@ -609,6 +616,7 @@ def observed_training_loop(base: type, observations: Observations) -> type:
             return iteration
 
         def finish(self, iteration: int) -> None:
+            """The final checkpoint and evaluations; ``finished`` recorded when the run is complete."""
             super().finish(iteration)
             if not self.stopped and iteration == self.args.train_iters:
                 observations.write({"event": "finished", "iteration": iteration})
@@ -729,8 +737,7 @@ def prepare_run_directory(spec: RunSpec, common: list[str]) -> Optional[int]:
 
 
 class SweepStop:
-    """SIGTERM to the sweep: passed to the running run (which saves a checkpoint and exits), and
-    no further run starts."""
+    """SIGTERM to the sweep reaches the running run (it saves a checkpoint and exits); no other run starts."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -745,6 +752,7 @@ class SweepStop:
         signal.signal(signal.SIGTERM, self.previous)
 
     def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler."""
         self.requested = True
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -758,7 +766,7 @@ def launch(spec: RunSpec, common: list[str], progress: Progress, stop: SweepStop
     print(f"{progress.label()} {how}: {spec.directory}", flush=True)
     command = [sys.executable, str(TOOL), WORKER_FLAG, str(spec.directory), *argv]
     tail: list[str] = []
-    with open(spec.directory / "log.txt", "a") as log:
+    with open(spec.directory / "log.txt", "a", buffering=1) as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         stop.process = POPEN(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_environment()
@@ -826,10 +834,8 @@ def validation_points(records: Sequence[dict[str, Any]]) -> dict[int, float]:
 
 def depth_profile(depth: dict[int, dict], key: str, train_iters: int) -> tuple[dict[str, float], list[int]]:
     """The mean of ``key`` over the log iterations of the last quarter of training, and those iterations."""
-    records = [depth[i] for i in sorted(depth) if i >= (1 - DEPTH_TAIL) * train_iters and depth[i].get(key)]
-    if not records and depth:
-        records = [depth[max(depth)]]
-    records = [record for record in records if record.get(key)]
+    logged = [depth[i] for i in sorted(depth) if depth[i].get(key)]
+    records = [r for r in logged if r["iteration"] >= (1 - DEPTH_TAIL) * train_iters] or logged[-1:]
     names = list(records[0][key]) if records else []
     profile = {name: sum(r[key][name] for r in records) / len(records) for name in names}
     return profile, [record["iteration"] for record in records]
@@ -866,7 +872,7 @@ def run_measurements(variant: str, seed: int, directory: Path) -> dict[str, Any]
     finished = any(r["event"] == "finished" for r in records)
     fresh = [r for r in starts if r["start_iteration"] == 0]
     rms, rms_iterations = depth_profile(depth, "output_rms", model["train_iters"])
-    probe, _ = depth_profile(depth, "input_rms", model["train_iters"])
+    probe, probe_iterations = depth_profile(depth, "input_rms", model["train_iters"])
     grads, _ = depth_profile(depth, "grad_norm", model["train_iters"])
     final_depth = depth.get(model["train_iters"], {})
     return {
@@ -891,7 +897,7 @@ def run_measurements(variant: str, seed: int, directory: Path) -> dict[str, Any]
         "output_rms_source": "depth recorder (mix output)" if rms else "pre-norm input probe",
         "input_rms_probe": probe,
         "grad_norm": grads,
-        "depth_iterations": rms_iterations or sorted(depth)[-1:],
+        "depth_iterations": rms_iterations or probe_iterations,
         "final_snapshot": final_depth.get("snapshot"),
         "batch_digests": batches,
     }
@@ -927,7 +933,7 @@ def variant_statistics(runs: Sequence[dict[str, Any]], variants: Sequence[str]) 
         variant: {
             r["seed"]: r["final_validation_loss"]
             for r in runs
-            if r["variant"] == variant and r["final_validation_loss"] is not None
+            if r["variant"] == variant and r.get("final_validation_loss") is not None
         }
         for variant in variants
     }
