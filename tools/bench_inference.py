@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,10 +41,12 @@ from bench_fast_ops import synchronize
 from proxy_model import (
     ProxyShape,
     add_shape_args,
+    add_variant_args,
     build_proxy,
     init_single_process,
     proxy_batch,
     proxy_config,
+    run_info,
     shape_from_args,
     write_json,
 )
@@ -263,15 +264,8 @@ def markdown(rows: list[dict[str, Any]], memory: list[dict[str, Any]], chunk: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)  # --seq is the prompt length
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_variant_args(parser)
     parser.add_argument("--impl", default="auto", help="AttnRes aggregation (--attn-res-impl value)")
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=("block", "full"),
-        default=["block", "full"],
-        help="besides the baseline",
-    )
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=1)
@@ -300,15 +294,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 samples[variant].append(timing)
         print(f"round {index + 1}/{args.warmup + args.rounds}", flush=True)
     rows = timing_rows(samples, shape_from_args(args))
-    device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
     result = {
         "meta": {
             "settings": {k: v for k, v in vars(args).items() if k != "memory_probe"},
-            "device": device,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "memory_method": MEMORY_METHOD if device == "cpu" else "torch.cuda.max_memory_allocated",
+            **run_info(args.device),
+            "memory_method": MEMORY_METHOD if args.device == "cpu" else "torch.cuda.max_memory_allocated",
         },
         "rows": rows,
         "memory": memory,

@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,10 +26,12 @@ import torch
 from bench_fast_ops import synchronize
 from proxy_model import (
     add_shape_args,
+    add_variant_args,
     build_proxy,
     init_single_process,
     proxy_batch,
     proxy_config,
+    run_info,
     shape_from_args,
     write_json,
 )
@@ -131,19 +132,12 @@ def round_ratios(timings: list[float], baseline: list[float]) -> list[float]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_variant_args(parser)
     parser.add_argument(
         "--impls",
         nargs="+",
         default=["auto", "torch", "two-phase"],
         help="AttnRes aggregations to time (--attn-res-impl values)",
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=("block", "full"),
-        default=["block", "full"],
-        help="besides the baseline",
     )
     parser.add_argument("--steps", type=int, default=7, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
@@ -195,17 +189,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 "samples_ms": [total * 1e3 for total in totals],
             }
         )
-    device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
     op_profile = {}
     if args.op_profile_steps:
         op_profile = profile_ops(steps, args.op_profile_steps, args.op_profile_rows)
     result = {
         "meta": {
             "shape": vars(args) | {"impls": impls},
-            "device": device,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
+            **run_info(args.device),
         },
         "rows": rows,
         "op_profile": op_profile,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,21 +53,10 @@ COMPONENTS = (
 
 
 def ensure_parallel_state() -> None:
-    """Start a 1-process gloo world, Megatron's parallel state (TP=PP=1) and the CPU backend if needed."""
-    from megatron.core import parallel_state
+    """A 1-process world with Megatron's parallel state (TP=PP=1) if none is up."""
+    from attnres_megatron.training.distributed import start_single_process
 
-    from attnres_megatron.compat.registry import install_adaptations
-
-    install_adaptations("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    start_single_process("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_on_meta(config: KimiLinearConfig) -> torch.nn.Module:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +57,7 @@ from attnres_megatron.diagnostics.depth import (  # noqa: E402
     format_matrix,
     render_heatmap,
 )
+from attnres_megatron.training.distributed import start_single_process  # noqa: E402
 from attnres_megatron.training.saved_run import (  # noqa: E402
     build_saved_model,
     checkpoint_args,
@@ -65,20 +65,6 @@ from attnres_megatron.training.saved_run import (  # noqa: E402
     model_args,
     run_tokenizer,
 )
-
-
-def start_single_process(seed: int) -> None:
-    """A one-process gloo world with Megatron's parallel state and the CPU backend."""
-    from attnres_megatron.training.distributed import initialize_parallel
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    initialize_parallel("cpu", seed)
 
 
 def demo_args(cli: argparse.Namespace) -> argparse.Namespace:
@@ -216,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         label = "random init" + (f", query std {cli.query_std:g}" if cli.query_std > 0 else "")
     if cli.seq_length:
         args.seq_length = cli.seq_length
-    start_single_process(cli.seed)
+    start_single_process("cpu", cli.seed)
     model = build_model(args)
     if cli.load is not None:
         load_distributed_checkpoint(model, cli.load)

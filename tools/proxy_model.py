@@ -58,6 +58,31 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the results as JSON to this path")
 
 
+def add_variant_args(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--variants`` (the AttnRes variants run besides the baseline)."""
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("block", "full"),
+        default=["block", "full"],
+        help="besides the baseline",
+    )
+
+
+def run_info(device: str) -> dict[str, Any]:
+    """Device name, threads, torch version and platform of a benchmark run (its JSON ``meta``)."""
+    import platform
+
+    name = device if not device.startswith("cuda") else torch.cuda.get_device_name()
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
 def shape_from_args(args: argparse.Namespace) -> ProxyShape:
     return ProxyShape(args.layers, args.hidden, args.heads, args.seq, args.batch, args.blocks)
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -52,24 +51,6 @@ class Converted:
 
 
 # ---------------------------------------------------------------------------- shared
-
-
-def start_single_process(seed: int) -> None:
-    """A one-process gloo world with Megatron's parallel state (kept when one is already up)."""
-    from megatron.core import parallel_state
-
-    from attnres_megatron.training.distributed import initialize_parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        return
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    initialize_parallel("cpu", seed)
 
 
 def _umask() -> int:
@@ -248,7 +229,9 @@ def export_checkpoint(load: Path, output: Path, overwrite: bool = False, verify:
     check_output(output, overwrite, "--output")  # before any work
     args, iteration = checkpoint_args(load, verify=verify)
     args.bf16 = saved_in_bf16(load)  # keep the saved dtype: the tensors are written as they are
-    start_single_process(args.seed)
+    from attnres_megatron.training.distributed import start_single_process
+
+    start_single_process("cpu", args.seed)
     config = config_from_args(args, "cpu")
     vocab = model_vocab_size(args)
     tokenizer = _run_tokenizer(args)
@@ -341,7 +324,9 @@ def import_directory(source: Path, save: Path, overwrite: bool = False) -> Conve
     args = parse_args(flags)
     validate_args(args, world_size=1)  # and derive what the flags leave open (the global batch)
     args.padded_vocab_size = int(required(config, "vocab_size"))
-    start_single_process(args.seed)
+    from attnres_megatron.training.distributed import start_single_process
+
+    start_single_process("cpu", args.seed)
     megatron_config = config_from_args(args, "cpu")
     setup = setup_training(args, megatron_config, args.padded_vocab_size, "cpu")
     _load_into(setup.unwrapped()[0], state, source)

@@ -13,7 +13,7 @@ from attnres_megatron.megatron_lm.arguments import attnres_requested, resolved_d
 from attnres_megatron.megatron_lm.config import config_from_megatron_args
 from attnres_megatron.models.families import chunk_inputs, model_family
 from attnres_megatron.models.gpt import AttnResGPTModel
-from attnres_megatron.ops.dispatch import choose, stream_bytes
+from attnres_megatron.ops.dispatch import choose_for_model
 
 MEGATRON_LM_MISSING = (
     "Megatron-LM's training package (megatron.training) is not importable: the megatron-core "
@@ -97,14 +97,7 @@ def _log_aggregation_choice(config: AttnResTransformerConfig, args: argparse.Nam
         print_rank_0 = _print_rank_0
 
     device = resolved_device(args) if hasattr(args, "device") else "cuda"
-    choice = choose(
-        config.attn_res_impl,
-        device,
-        config.params_dtype,
-        config.attention_residuals,
-        config.attn_res_recompute,
-        stream_bytes(config, args.seq_length, args.micro_batch_size),
-    )
+    choice = choose_for_model(config, device, args.seq_length, args.micro_batch_size)
     print_rank_0(f"> {choice.describe()}")
 
 

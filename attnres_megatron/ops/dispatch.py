@@ -256,3 +256,16 @@ def stream_bytes(config, seq_length: int, micro_batch_size: int) -> int:
     if config.sequence_parallel:
         tokens //= config.tensor_model_parallel_size
     return tokens * config.hidden_size * torch.empty(0, dtype=config.params_dtype).element_size()
+
+
+def choose_for_model(config, device_type: str, seq_length: int, micro_batch_size: int) -> AggregationChoice:
+    """What a Megatron ``config``'s ``attn_res_impl`` resolves to for a run of this shape (the log line
+    of ``attnres-pretrain`` and the Megatron-LM routes)."""
+    return choose(
+        config.attn_res_impl,
+        device_type,
+        config.params_dtype,
+        config.attention_residuals,
+        config.attn_res_recompute,
+        stream_bytes(config, seq_length, micro_batch_size),
+    )

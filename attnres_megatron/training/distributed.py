@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -77,3 +78,17 @@ def shutdown_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def start_single_process(device: str = "cpu", seed: int = 1234) -> None:
+    """A world of one process for tools (gloo on a free local port, whatever launcher variables
+    say) with Megatron's parallel state and the device's adaptations; kept when one is up."""
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_parallel(device, seed)

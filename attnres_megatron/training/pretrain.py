@@ -17,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 
 from attnres_megatron.models.families import model_family
-from attnres_megatron.ops.dispatch import choose, stream_bytes
+from attnres_megatron.ops.dispatch import choose_for_model
 from attnres_megatron.pipeline.ledger import get_byte_ledger
 from attnres_megatron.pipeline.schedule import get_forward_backward_func
 from attnres_megatron.training.arguments import parse_args
@@ -192,14 +192,7 @@ def _describe(args: argparse.Namespace, setup: TrainingSetup, device: str, launc
         f"> {parallel}",
     ]
     if config.attn_res_enabled:
-        choice = choose(
-            config.attn_res_impl,
-            device,
-            config.params_dtype,
-            config.attention_residuals,
-            config.attn_res_recompute,
-            stream_bytes(config, args.seq_length, args.micro_batch_size),
-        )
+        choice = choose_for_model(config, device, args.seq_length, args.micro_batch_size)
         lines.append(f"> {choice.describe()}")
     return "\n".join(lines)
 
