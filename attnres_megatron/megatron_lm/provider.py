@@ -97,7 +97,10 @@ def _log_aggregation_choice(config: AttnResTransformerConfig, args: argparse.Nam
         print_rank_0 = _print_rank_0
 
     device = resolved_device(args) if hasattr(args, "device") else "cuda"
-    choice = choose_for_model(config, device, args.seq_length, args.micro_batch_size)
+    # Megatron-LM always parses both; a provider called with a partial namespace logs for size 0.
+    choice = choose_for_model(
+        config, device, getattr(args, "seq_length", 0), getattr(args, "micro_batch_size", 1)
+    )
     print_rank_0(f"> {choice.describe()}")
 
 
