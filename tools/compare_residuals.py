@@ -1078,6 +1078,9 @@ def check_lines(report: dict[str, Any]) -> list[str]:
     """The pairing checks in words."""
     lines = []
     for seed, check in report["checks"].items():
+        if len(check["variants"]) < 2:
+            lines.append(f"- seed {seed}: fewer than two runs started, nothing to compare yet.")
+            continue
         batches = (
             "same" if check["same_batches"] else f"DIFFERENT at iterations {check['differing_iterations']}"
         )
