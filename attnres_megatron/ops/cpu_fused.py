@@ -38,12 +38,20 @@ def contiguous_rows(tensor: Tensor) -> Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
+def kernel_rows(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as the kernels read it: ``dtype``, contiguous rows (itself when it already is:
+    no dispatcher call, which costs more than the kernel on a decode step's single token)."""
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype).contiguous()
+
+
 def fused_forward(
     sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The C++ forward: the mix, and the logits and inverse RMS ``[n, T]`` backward needs."""
     dtype = sources[0].dtype
-    rows = [contiguous_rows(s.to(dtype)) for s in sources]
+    rows = [kernel_rows(s, dtype) for s in sources]
     stats = compute_dtype(dtype)
     weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
     return cpu_extension().fused_forward(rows, weighted_query, float(eps))
@@ -63,13 +71,13 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
         dtype = sources[0].dtype
-        rows = [contiguous_rows(s.to(dtype)) for s in sources]
+        rows = [kernel_rows(s, dtype) for s in sources]
         stats = logits.dtype
         weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
         needs = [bool(ctx.needs_input_grad[3 + i]) for i in range(len(sources))]
         *grads, du = cpu_extension().fused_backward(
             rows,
-            contiguous_rows(grad_out.to(dtype)),
+            kernel_rows(grad_out, dtype),
             weighted_query,
             logits,
             inv_rms,

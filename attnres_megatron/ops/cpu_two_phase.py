@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, contiguous_rows
+from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, contiguous_rows, kernel_rows
 from attnres_megatron.ops.reference import compute_dtype
 
 
@@ -117,7 +117,7 @@ class _PhaseTwo(torch.autograd.Function):
         logits[:n_blocks] = block.logits[j]
         inv_rms[:n_blocks] = block.inv_rms
         u = (query.to(stats) * gain.to(stats)).contiguous()
-        rows = contiguous_rows(partial.to(like.dtype)) if partial is not None else NO_TENSOR
+        rows = kernel_rows(partial, like.dtype) if partial is not None else NO_TENSOR
         out = cpu_extension().phase_two_forward(
             rows,
             block.o[j],
@@ -144,8 +144,8 @@ class _PhaseTwo(torch.autograd.Function):
         u = (query.to(stats) * gain.to(stats)).contiguous()
         needs = [False] * n_blocks + ([bool(ctx.needs_input_grad[3])] if ctx.has_partial else [])
         coefs = torch.empty(3, n_blocks, logits.shape[1], dtype=stats)
-        grad = contiguous_rows(grad_out.to(dtype)).view(-1, grad_out.shape[-1])
-        rows = [contiguous_rows(s.to(dtype)) for s in sources]
+        grad = kernel_rows(grad_out, dtype).view(-1, grad_out.shape[-1])
+        rows = [kernel_rows(s, dtype) for s in sources]
         *grads, du = cpu_extension().fused_backward(rows, grad, u, logits, inv_rms, needs, coefs, GRAD_CHUNKS)
         if any(deferred.needs):
             deferred.record(grad, coefs, u)
