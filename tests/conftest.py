@@ -204,6 +204,7 @@ MARKS = {
     "test_generation.py::test_tensor_parallel_2_with_chunked_prefill_equals_the_single_process": DISTRIBUTED,
     "test_generation.py::test_bad_input_is_refused_before_any_work": SLOW,  # `checkpoint`: a CLI run
     "test_bench_inference.py::test_the_memory_probe_measures_one_prefill_in_a_fresh_process": SLOW,
+    "test_bench_tools.py::test_bench_step_ratios_come_from_the_same_run": SLOW,  # 7 models, profiled
     "test_gpu.py": GPU,
     "test_gpu_check.py::test_dry_run_writes_a_valid_report_and_markdown": SLOW,  # the kit's dry run
     "test_gpu_check.py::test_dry_run_compares_every_dtype_and_gradient": SLOW,
