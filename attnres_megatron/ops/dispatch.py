@@ -2,7 +2,8 @@
 
 Two separate choices:
 
-* **algorithm**, once per model (from the config): ``one-pass`` (each sublayer mixes all its
+* **algorithm**, per forward of a block of layers (from the config and the model's tensors):
+  ``one-pass`` (each sublayer mixes all its
   sources in one call) or ``two-phase`` (paper Algorithm 1: the inter-block part of a block's
   ``S`` sublayers in one batched pass, then a per-sublayer merge of the partial sum; Block
   AttnRes only, see :mod:`attnres_megatron.ops.two_phase`);
@@ -11,8 +12,8 @@ Two separate choices:
   ``triton`` (the Triton kernels, CUDA tensors; CPU tensors run Triton's interpreter, a test
   mode only reached by asking for it with :func:`one_pass_function`).
 
-``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, is the fastest
-correct choice measured in ``docs/benchmarks.md``: on CPU the C++ kernels (the eager op if the
+``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, follows what
+``docs/benchmarks.md`` measured ("Default aggregation"): on CPU the C++ kernels (the eager op if the
 C++ toolchain cannot build them), two-phase for Block AttnRes on large tensors
 (:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise; on GPU one pass with the Triton kernels
 (the eager op without Triton, for fp64 or beyond the kernels' source count).
@@ -43,9 +44,10 @@ TWO_PHASE_BACKENDS = ("auto", "cpp", "torch")
 TWO_PHASE_MIN_BYTES = 4 << 20
 """Smallest ``[s, b, h]`` tensor (bytes) for which ``auto`` runs Block AttnRes two-phase on CPU:
 the C++ kernels' streaming-store threshold (``csrc/rows.h``), below which tensors stay in cache.
-Measured (``docs/benchmarks.md``, "Default aggregation"): one pass is faster per step at 0.5 and
-1 MiB (hidden 256 and 512, 512 tokens), two-phase per sublayer at 18 MiB (hidden 2304, 2048
-tokens)."""
+Measured (``docs/benchmarks.md``, "Default aggregation"): per step, one pass and two-phase are
+within the machine's noise of each other at 0.5 and 1 MiB (hidden 256 and 512, 512 tokens; the
+runs disagree on the sign), while per sublayer two-phase is 8-15 % faster at 18 MiB (hidden 2304,
+2048 tokens), where its smaller traffic counts."""
 
 IMPL_TABLE = {
     # impl: (algorithm, CPU backend, GPU backend); "best" = C++ on CPU / Triton on GPU, else torch.
