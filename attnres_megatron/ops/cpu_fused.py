@@ -33,11 +33,6 @@ NO_TENSOR = torch.empty(0)
 """An absent optional tensor argument of the kernels (e.g. ``fused_backward``'s ``deferred``)."""
 
 
-def contiguous_rows(tensor: Tensor) -> Tensor:
-    """``tensor`` itself when contiguous (the kernels index rows as ``t * h``), else a copy."""
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
-
-
 def kernel_rows(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """``tensor`` as the kernels read it: ``dtype``, contiguous rows (itself when it already is:
     no dispatcher call, which costs more than the kernel on a decode step's single token)."""

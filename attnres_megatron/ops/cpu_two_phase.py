@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, contiguous_rows, kernel_rows
+from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, kernel_rows
 from attnres_megatron.ops.reference import compute_dtype
 
 
@@ -67,7 +67,7 @@ class DeferredBlockGradients:
         clears the record."""
         if not self.grads:
             return [None] * len(blocks)
-        rows = [contiguous_rows(b) for b in blocks]
+        rows = [kernel_rows(b, b.dtype) for b in blocks]
         grads = cpu_extension().phase_one_backward(
             rows, self.grads, torch.stack(self.coefs), torch.stack(self.queries), self.needs
         )
@@ -80,7 +80,7 @@ class _PhaseOne(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: CppTwoPhaseBlock, weighted: Tensor, *blocks: Tensor) -> Tensor:
-        rows = [contiguous_rows(b.detach().to(blocks[0].dtype)).view(-1, b.shape[-1]) for b in blocks]
+        rows = [kernel_rows(b.detach(), blocks[0].dtype).view(-1, b.shape[-1]) for b in blocks]
         o, logits, inv_rms, m, d = cpu_extension().phase_one(rows, weighted, block.eps)
         block.o = rows * len(m) if len(rows) == 1 else o
         block.logits, block.inv_rms, block.m, block.d = logits, inv_rms, m, d

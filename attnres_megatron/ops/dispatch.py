@@ -244,10 +244,7 @@ def choose(
     """The algorithm and backend ``impl`` runs on ``device_type`` with ``dtype`` for ``[s, b, h]``
     tensors of ``stream_bytes``."""
     algorithm = algorithm_for(impl, attention_residuals, device_type, attn_res_recompute, stream_bytes)
-    if algorithm == "two-phase":
-        backend = "cpp" if device_type == "cpu" and cpp_build_error() is None else "torch"
-    else:
-        backend = backend_for(impl, device_type, dtype)
+    backend = backend_for("two-phase" if algorithm == "two-phase" else impl, device_type, dtype)
     return AggregationChoice(impl, algorithm, backend, device_type, dtype)
 
 
