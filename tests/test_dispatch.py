@@ -69,7 +69,7 @@ def test_the_model_decides_from_its_own_tensors():
     from types import SimpleNamespace
 
     from attnres_megatron.layers.depth_state import DepthState
-    from attnres_megatron.layers.two_phase_mixer import with_mixers
+    from attnres_megatron.layers.mixers import with_mixers
 
     config = SimpleNamespace(
         attn_res_impl="auto",
@@ -79,10 +79,17 @@ def test_the_model_decides_from_its_own_tensors():
     )
     small = DepthState.from_embedding(torch.zeros(512, 1, 256))  # hidden 256, 512 tokens: 0.5 MiB
     large = DepthState.from_embedding(torch.zeros(1024, 1, 1024))  # 4 MiB
-    assert with_mixers(small, [], config).mixer_factory is None
-    assert with_mixers(large, [], config).mixer_factory is not None
+
+    def mixing(state):
+        factory = with_mixers(state, [], config).mixer_factory
+        return None if factory is None else factory.__qualname__.split(".")[0]
+
+    assert mixing(small) == "shared_gradient_factory"  # one pass, block gradients summed in place
+    assert mixing(large) == "two_phase_factory"
     with torch.no_grad():
-        assert with_mixers(large, [], config).mixer_factory is None
+        assert mixing(large) is None and mixing(small) is None
+    config.attn_res_impl = "fused"
+    assert mixing(small) is None and mixing(large) is None
 
 
 def test_stream_bytes_follow_the_split_sequence():

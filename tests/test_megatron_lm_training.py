@@ -94,9 +94,10 @@ def test_megatron_lm_loop_trains_with_attnres_pretrains_losses(layout, route, ru
     assert f"iteration        {ITERATIONS}/       {ITERATIONS} |" in run.output
     assert f"validation loss at iteration {ITERATIONS} on validation set" in run.output
     assert run.scalars("lm loss validation") and run.scalars("learning-rate")
-    assert "> AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels (cpu, float32)" in (
-        run.output
-    )
+    assert (
+        "> AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels "
+        "(cpu, float32, block gradients summed in place)"
+    ) in (run.output)
 
 
 # ----------------------------------------------------------------------------- flags before CUDA

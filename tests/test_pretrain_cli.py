@@ -63,7 +63,10 @@ def test_pretrain_20_steps_loss_decreases(tmp_path, mode):
     assert "tokens/s" in result.stdout and f"attention residuals: {mode}" in result.stdout
     # The default --attn-res-impl auto names its choice (the C++ kernels build in CI too); tensors
     # this small stay in cache, where one pass beats two-phase.
-    choice = "> AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels (cpu, float32)"
+    choice = (
+        "> AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels "
+        "(cpu, float32, block gradients summed in place)"
+    )
     assert choice in result.stdout
     summary = json.loads(summary_path.read_text())
     losses = summary["losses"]

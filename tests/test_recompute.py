@@ -57,7 +57,7 @@ def assert_same(result, expected, tolerance):
 
 
 @pytest.mark.parametrize("mode", sorted(RECOMPUTE_MODES))
-@pytest.mark.parametrize("impl", ["torch", "two-phase"])
+@pytest.mark.parametrize("impl", ["torch", "two-phase", "auto"])
 def test_recompute_gives_the_plain_gradients(reseed, impl, mode):
     if impl == "two-phase" and "attn_res" in RECOMPUTE_MODES[mode].get("recompute_modules", []):
         pytest.skip("refused by the config (tested in test_config.py)")

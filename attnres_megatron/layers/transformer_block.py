@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, seals_before
-from attnres_megatron.layers.two_phase_mixer import with_mixers
+from attnres_megatron.layers.mixers import with_mixers
 from attnres_megatron.pipeline.megatron_split import layout_from_config
 from attnres_megatron.pipeline.stage_io import StageIO
 

@@ -18,6 +18,7 @@ statistics dtype (fp32; fp64 for fp64 sources).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -52,12 +53,48 @@ def fused_forward(
     return cpu_extension().fused_forward(rows, weighted_query, float(eps))
 
 
-class CpuFusedAttnResAggregate(torch.autograd.Function):
-    """AttnRes aggregation with the fused C++ kernels (CPU tensors)."""
+class SharedGradient:
+    """The gradient of one tensor that several aggregations read (a completed block), summed in
+    place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
+
+    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
+    backward only after every reader's backward of that pass, and it hands the sum on as the
+    tensor's gradient (other gradients of the tensor are still added by autograd).
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.buffer: Optional[Tensor] = None
+        self.token = _CollectGradient.apply(self, tensor)
+
+    def take(self) -> Optional[Tensor]:
+        """The summed gradient (None when no reader contributed); empties the buffer."""
+        buffer, self.buffer = self.buffer, None
+        return buffer
+
+
+class _CollectGradient(torch.autograd.Function):
+    """Forward: a scalar token; backward: the shared gradient, once every reader added its part."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, gain: Tensor, eps: float, *sources: Tensor) -> Tensor:
+    def forward(ctx, shared: SharedGradient, tensor: Tensor) -> Tensor:
+        ctx.shared = shared
+        return torch.zeros((), dtype=tensor.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _token_grad: Tensor):
+        return None, ctx.shared.take()
+
+
+class CpuFusedAttnResAggregate(torch.autograd.Function):
+    """AttnRes aggregation with the fused C++ kernels (CPU tensors); a source with a
+    :class:`SharedGradient` gets its gradient added to the shared buffer, not returned."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *inputs: Tensor) -> Tensor:
+        sources = inputs[: len(shared)]
         out, logits, inv_rms = fused_forward(sources, query, gain, eps)
+        ctx.shared, ctx.num_tokens = shared, len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
 
@@ -65,11 +102,13 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
+        shared: tuple[Optional[SharedGradient], ...] = ctx.shared
         dtype = sources[0].dtype
         rows = [kernel_rows(s, dtype) for s in sources]
         stats = logits.dtype
         weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
-        needs = [bool(ctx.needs_input_grad[3 + i]) for i in range(len(sources))]
+        needs = [bool(ctx.needs_input_grad[4 + i]) or sh is not None for i, sh in enumerate(shared)]
+        into = [NO_TENSOR if sh is None or sh.buffer is None else sh.buffer for sh in shared]
         *grads, du = cpu_extension().fused_backward(
             rows,
             kernel_rows(grad_out, dtype),
@@ -79,20 +118,35 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
             needs,
             NO_TENSOR,
             GRAD_CHUNKS,
+            into if any(sh is not None for sh in shared) else [],
         )
-        grad_sources = [
-            g.view(s.shape).to(s.dtype) if need else None for g, s, need in zip(grads, sources, needs)
-        ]
+        grad_sources = []
+        for g, s, need, sh in zip(grads, sources, needs, shared):
+            if sh is not None:
+                sh.buffer = g.view(s.shape)
+            grad_sources.append(g.view(s.shape).to(s.dtype) if need and sh is None else None)
         grad_query = (du * gain.to(stats)).to(query.dtype)
         grad_gain = (du * query.to(stats)).to(gain.dtype)
-        return (grad_query, grad_gain, None, *grad_sources)
+        token_grads = [torch.zeros((), dtype=dtype)] * ctx.num_tokens
+        return (grad_query, grad_gain, None, None, *grad_sources, *token_grads)
 
 
-def aggregate_cpu_fused(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float) -> Tensor:
-    """Fused C++ AttnRes aggregation of CPU ``sources`` (each ``[..., h]``); without autograd
-    (generation, evaluation) the forward kernel is called directly, with nothing saved."""
+def aggregate_cpu_fused(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    gain: Tensor,
+    eps: float,
+    shared: Optional[Sequence[Optional[SharedGradient]]] = None,
+) -> Tensor:
+    """Fused C++ AttnRes aggregation of CPU ``sources`` (each ``[..., h]``); ``shared``: per
+    source, its :class:`SharedGradient` or None. Without autograd (generation, evaluation) the
+    forward kernel is called directly, with nothing saved."""
     if len(sources) == 0:
         raise ValueError("AttnRes aggregation needs at least one source.")
     if not torch.is_grad_enabled():
         return fused_forward(sources, query, gain, eps)[0]
-    return CpuFusedAttnResAggregate.apply(query, gain, eps, *sources)
+    shared = tuple(shared) if shared is not None else (None,) * len(sources)
+    if len(shared) != len(sources):
+        raise ValueError(f"shared gradients: {len(shared)} entries for {len(sources)} sources.")
+    tokens = [sh.token for sh in shared if sh is not None]
+    return CpuFusedAttnResAggregate.apply(query, gain, eps, shared, *sources, *tokens)

@@ -146,7 +146,9 @@ class _PhaseTwo(torch.autograd.Function):
         coefs = torch.empty(3, n_blocks, logits.shape[1], dtype=stats)
         grad = kernel_rows(grad_out, dtype).view(-1, grad_out.shape[-1])
         rows = [kernel_rows(s, dtype) for s in sources]
-        *grads, du = cpu_extension().fused_backward(rows, grad, u, logits, inv_rms, needs, coefs, GRAD_CHUNKS)
+        *grads, du = cpu_extension().fused_backward(
+            rows, grad, u, logits, inv_rms, needs, coefs, GRAD_CHUNKS, []
+        )
         if any(deferred.needs):
             deferred.record(grad, coefs, u)
         grad_partial = None

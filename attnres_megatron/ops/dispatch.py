@@ -15,8 +15,9 @@ Two separate choices:
 ``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, follows what
 ``docs/benchmarks.md`` measured ("Default aggregation"): on CPU the C++ kernels (the eager op if the
 C++ toolchain cannot build them), two-phase for Block AttnRes on large tensors
-(:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise; on GPU one pass with the Triton kernels
-(the eager op without Triton, for fp64 or beyond the kernels' source count).
+(:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise, in training with the completed blocks'
+gradients summed in place (:func:`sums_gradients_in_place`); on GPU one pass with the Triton
+kernels (the eager op without Triton, for fp64 or beyond the kernels' source count).
 """
 
 from __future__ import annotations
@@ -96,6 +97,17 @@ def algorithm_for(
     if wins and torch.is_grad_enabled() and not attn_res_recompute and cpp_build_error() is None:
         return "two-phase"
     return "one-pass"
+
+
+def sums_gradients_in_place(impl: str, algorithm: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether one-pass training sums each completed block's gradient in place, in the C++ backward
+    kernels of the sublayers that read it (``auto`` on CPU with the kernels built), instead of
+    each kernel writing a fresh gradient that autograd then adds: one read-modify-write of the
+    block's gradient per reader instead of a write and an addition (``docs/benchmarks.md``).
+    ``fused`` keeps the plain per-call kernels, for comparison."""
+    if impl != "auto" or algorithm != "one-pass" or not torch.is_grad_enabled():
+        return False
+    return backend_for(impl, device_type, dtype) == "cpp"
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,12 +236,14 @@ class AggregationChoice:
     backend: str
     device_type: str
     dtype: torch.dtype
+    gradients_in_place: bool = False
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
+        shared = ", block gradients summed in place" if self.gradients_in_place else ""
         return (
             f"AttnRes aggregation: --attn-res-impl {self.impl} -> {self.algorithm} with "
-            f"{BACKEND_NAMES[self.backend]} ({self.device_type}, {dtype})"
+            f"{BACKEND_NAMES[self.backend]} ({self.device_type}, {dtype}{shared})"
         )
 
 
@@ -245,7 +259,8 @@ def choose(
     tensors of ``stream_bytes``."""
     algorithm = algorithm_for(impl, attention_residuals, device_type, attn_res_recompute, stream_bytes)
     backend = backend_for("two-phase" if algorithm == "two-phase" else impl, device_type, dtype)
-    return AggregationChoice(impl, algorithm, backend, device_type, dtype)
+    in_place = sums_gradients_in_place(impl, algorithm, device_type, dtype)
+    return AggregationChoice(impl, algorithm, backend, device_type, dtype, in_place)
 
 
 def stream_bytes(config, seq_length: int, micro_batch_size: int) -> int:

@@ -16,7 +16,10 @@ static void forward_rows(const std::vector<const scalar_t*>& src, const at::opma
   const int64_t n = src.size();
   std::vector<acc_t> acc(h);
   std::vector<scalar_t> row(h);
+  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   for (int64_t t = begin; t < end; ++t) {
+    if (t + ahead < end)
+      for (int64_t i = 0; i < n; ++i) prefetch_row(src[i] + (t + ahead) * h, h * sizeof(scalar_t));
     acc_t m = -std::numeric_limits<acc_t>::infinity(), d = 0;
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* v = src[i] + t * h;
@@ -73,7 +76,7 @@ std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, tor
 
 template <typename scalar_t>
 static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
-                          at::opmath_type<scalar_t>* deferred, int64_t n_deferred, const scalar_t* grad,
+                          const std::vector<char>& accumulate, at::opmath_type<scalar_t>* deferred, int64_t n_deferred, const scalar_t* grad,
                           const at::opmath_type<scalar_t>* u,
                           const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
                           at::opmath_type<scalar_t>* du, int64_t T, int64_t h, bool stream, int64_t begin,
@@ -82,7 +85,15 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
   const int64_t n = src.size();
   std::vector<acc_t> alpha(n), ga(n), du_acc(h, acc_t(0));
   std::vector<scalar_t> row(h);
+  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   for (int64_t t = begin; t < end; ++t) {
+    if (t + ahead < T) {  // chunks of one thread are consecutive: prefetch across their boundaries
+      prefetch_row(grad + (t + ahead) * h, h * sizeof(scalar_t));
+      for (int64_t i = 0; i < n; ++i) {
+        prefetch_row(src[i] + (t + ahead) * h, h * sizeof(scalar_t));
+        if (accumulate[i]) prefetch_row(gsrc[i] + (t + ahead) * h, h * sizeof(scalar_t));
+      }
+    }
     const scalar_t* g = grad + t * h;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i * T + t]);
@@ -118,6 +129,15 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
         continue;
       }
       gv += t * h;
+      if (accumulate[i]) {  // gv += this sublayer's part of the source gradient (one read-modify-write)
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) {
+          const acc_t x = static_cast<acc_t>(v[k]);
+          du_acc[k] += scaled * x;
+          gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + (a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]));
+        }
+        continue;
+      }
       #pragma omp simd
       for (int64_t k = 0; k < h; ++k) {
         const acc_t x = static_cast<acc_t>(v[k]);
@@ -134,14 +154,23 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
 std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, torch::Tensor grad,
                                           torch::Tensor u, torch::Tensor logits, torch::Tensor rinv,
                                           std::vector<bool> needs_grad, torch::Tensor deferred,
-                                          int64_t chunks) {
+                                          int64_t chunks, std::vector<torch::Tensor> accumulate) {
   // deferred: empty, or [3, n_deferred, T] (stats dtype) receiving, for the first n_deferred
   // sources, the per-token coefficients of their gradient instead of the gradient itself.
+  // accumulate: empty, or one tensor per source: a non-empty one (contiguous, the sources' dtype
+  // and shape) receives source i's gradient added to what it holds, and is returned as it.
   const int64_t n = sources.size(), h = sources[0].size(-1), T = sources[0].numel() / h;
   const int64_t n_deferred = deferred.numel() > 0 ? deferred.size(1) : 0;
   std::vector<torch::Tensor> grads;
-  for (int64_t i = 0; i < n; ++i)
-    grads.push_back(needs_grad[i] && i >= n_deferred ? torch::empty_like(sources[i]) : torch::Tensor());
+  std::vector<char> adds(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool needed = needs_grad[i] && i >= n_deferred;
+    adds[i] = needed && !accumulate.empty() && accumulate[i].numel() > 0;
+    if (adds[i]) TORCH_CHECK(accumulate[i].is_contiguous() && accumulate[i].numel() == sources[i].numel() &&
+                             accumulate[i].scalar_type() == sources[i].scalar_type(),
+                             "fused_backward: accumulate[", i, "] must match source ", i);
+    grads.push_back(adds[i] ? accumulate[i] : needed ? torch::empty_like(sources[i]) : torch::Tensor());
+  }
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, T));
   auto du_parts = torch::empty({chunks, h}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_bwd", [&] {
@@ -163,7 +192,7 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t begin = c * per_chunk, end = std::min(T, begin + per_chunk);
         if (begin >= end) { std::fill(dp + c * h, dp + (c + 1) * h, acc_t(0)); continue; }
-        backward_rows<scalar_t>(src, gsrc, n_deferred ? deferred.data_ptr<acc_t>() : nullptr, n_deferred, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
+        backward_rows<scalar_t>(src, gsrc, adds, n_deferred ? deferred.data_ptr<acc_t>() : nullptr, n_deferred, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
       }
     });
   });

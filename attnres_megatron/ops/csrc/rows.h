@@ -31,6 +31,17 @@ inline void write_row(void* dst, const void* src, int64_t bytes, bool stream) {
   std::memcpy(dst, src, bytes);
 }
 
+// Rows this far ahead of the one being read are prefetched (at least 2 KiB ahead per stream):
+// a row's sources are read one after another with a reduction in between, and the hardware
+// prefetchers alone keep too few lines in flight for DRAM's latency when the rows are cold.
+inline int64_t prefetch_rows(int64_t row_bytes) { return row_bytes >= 2048 ? 1 : (2048 + row_bytes - 1) / row_bytes; }
+
+// Prefetch `bytes` from `p` into the cache, one line at a time.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k, 0, 3);
+}
+
 // Orders this thread's streaming stores before whatever follows (call once per parallel chunk).
 inline void finish_rows() {
 #if defined(__AVX__)

@@ -18,7 +18,10 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = blocks.size();
   std::vector<acc_t> l(S * nb), mj(S), dj(S), acc(o == nullptr ? 0 : S * h);
+  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   for (int64_t t = begin; t < end; ++t) {
+    if (t + ahead < end)
+      for (int64_t i = 0; i < nb; ++i) prefetch_row(blocks[i] + (t + ahead) * h, h * sizeof(scalar_t));
     // Logits of every (sublayer j, block i); block rows come from memory once, then from cache.
     for (int64_t i = 0; i < nb; ++i) {
       const scalar_t* v = blocks[i] + t * h;
@@ -97,7 +100,12 @@ static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_ty
                            int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<scalar_t> y(h);
+  const int64_t ahead = prefetch_rows(h * sizeof(o_t));
   for (int64_t t = begin; t < end; ++t) {
+    if (t + ahead < end) {
+      prefetch_row(o + (t + ahead) * h, h * sizeof(o_t));
+      if (vp != nullptr) prefetch_row(vp + (t + ahead) * h, h * sizeof(scalar_t));
+    }
     const o_t* ot = o + t * h;
     if (vp == nullptr) {  // first sublayer of a block: no partial sum yet
       const acc_t inv_d = acc_t(1) / d[t];
@@ -168,7 +176,13 @@ static void block_grad_rows(const std::vector<const scalar_t*>& blocks, const st
   std::vector<acc_t> acc(h);
   std::vector<scalar_t> row(h);
   auto coef = [&](int64_t j, int64_t kind, int64_t i, int64_t t) { return coefs[((j * 3 + kind) * nb + i) * T + t]; };
+  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   for (int64_t t = begin; t < end; ++t) {
+    if (t + ahead < end) {
+      for (int64_t j = 0; j < S; ++j) prefetch_row(grads[j] + (t + ahead) * h, h * sizeof(scalar_t));
+      for (int64_t i = 0; i < nb; ++i)
+        if (gblocks[i] != nullptr) prefetch_row(blocks[i] + (t + ahead) * h, h * sizeof(scalar_t));
+    }
     for (int64_t i = 0; i < nb; ++i) {
       if (gblocks[i] == nullptr) continue;
       // grad b_i = sum_j (alpha_ji grad_j + coef_ji b_i + scaled_ji u_j): the S gradient rows
