@@ -9,7 +9,8 @@ independent call each (:func:`with_mixers` picks, from :mod:`attnres_megatron.op
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Optional
 
@@ -78,19 +79,42 @@ class SharedGradientMixer:
         return aggregate_cpu_fused(sources, module.pseudo_query, module.key_gain, module.eps, shared)
 
 
-def shared_gradient_factory(modules: Mapping[int, DepthAttention]) -> MixerFactory:
-    """Mixer factory over ``modules``: a block's :class:`SharedGradient` is made when the first
-    sublayer reading it asks for a mixer, and kept for the later ones."""
-    gradients: list[tuple[Tensor, Optional[SharedGradient]]] = []
+class SharedGradients:
+    """Mixer factory over ``modules`` with one :class:`SharedGradient` per completed block, made
+    when the first sublayer reading the block asks for a mixer and kept for the later readers
+    (and the output mix, :meth:`output_mix`)."""
 
-    def build(sublayer: int, blocks: tuple[Tensor, ...]) -> SharedGradientMixer:
-        for block in blocks[len(gradients) :]:
-            gradients.append((block, SharedGradient(block) if block.requires_grad else None))
-        if any(kept is not block for (kept, _), block in zip(gradients, blocks)):
+    def __init__(self, modules: Mapping[int, DepthAttention]) -> None:
+        self.modules = modules
+        self.gradients: list[tuple[Tensor, Optional[SharedGradient]]] = []
+
+    def __call__(self, sublayer: int, blocks: tuple[Tensor, ...]) -> SharedGradientMixer:
+        return SharedGradientMixer(blocks, self.shared(blocks), self.modules)
+
+    def shared(self, blocks: tuple[Tensor, ...]) -> tuple[Optional[SharedGradient], ...]:
+        """The shared gradients of ``blocks`` (made for the blocks not seen before)."""
+        for block in blocks[len(self.gradients) :]:
+            self.gradients.append((block, SharedGradient(block) if block.requires_grad else None))
+        if any(kept is not block for (kept, _), block in zip(self.gradients, blocks)):
             raise RuntimeError("shared block gradients: the blocks of a run changed under it.")
-        return SharedGradientMixer(blocks, tuple(g for _, g in gradients[: len(blocks)]), modules)
+        return tuple(g for _, g in self.gradients[: len(blocks)])
 
-    return build
+    def output_mix(self, state: DepthState, module: DepthAttention) -> Callable[[], Tensor]:
+        """The output layer's mix of ``state`` by ``module``, through the same shared gradients."""
+        mixer = SharedGradientMixer(state.blocks, self.shared(state.blocks), {OUTPUT: module})
+        return functools.partial(mixer.mix, OUTPUT, state.partial)
+
+
+OUTPUT = -1
+"""Key of the output layer's depth attention among a mixer's modules."""
+
+
+def output_mix(state: DepthState, module: DepthAttention) -> Optional[Callable[[], Tensor]]:
+    """The ``mix=`` of the output layer's depth attention: through the run's shared block
+    gradients when it has them, else None (an independent call)."""
+    if isinstance(state.mixer_factory, SharedGradients):
+        return state.mixer_factory.output_mix(state, module)
+    return None
 
 
 def layer_depth_attention(layers) -> dict[int, DepthAttention]:
@@ -119,7 +143,7 @@ def with_mixers(state: DepthState, layers, config) -> DepthState:
     if algorithm == "two-phase":
         factory = two_phase_factory(modules, config.attn_res_sublayers_per_block)
     elif sums_gradients_in_place(config.attn_res_impl, algorithm, first.device.type, first.dtype):
-        factory = shared_gradient_factory(modules)
+        factory = SharedGradients(modules)
     else:
         return state
     return replace(state, mixer_factory=factory, mixer=None)

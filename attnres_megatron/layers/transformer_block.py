@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, seals_before
-from attnres_megatron.layers.mixers import with_mixers
+from attnres_megatron.layers.mixers import output_mix, with_mixers
 from attnres_megatron.pipeline.megatron_split import layout_from_config
 from attnres_megatron.pipeline.stage_io import StageIO
 
@@ -120,7 +120,7 @@ class AttnResTransformerBlock(TransformerBlock):
                 state = run(state, self.layers[start:end], layer_kwargs, per_layer_quantization)
             if not self.post_process:
                 return self.attn_res_io.send(self._micro_batch(), state.blocks, state.partial)
-            hidden_states = self.attn_res_final(state.sources())
+            hidden_states = self.attn_res_final(state.sources(), mix=output_mix(state, self.attn_res_final))
 
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
