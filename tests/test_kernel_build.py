@@ -166,5 +166,5 @@ def test_real_build_records_its_hash_and_loads_from_the_cache(tmp_path, monkeypa
     monkeypatch.setattr(cpu_extension, "compile_library", no_compiler)
     again = cpu_extension.load_cpu_extension(build_root)
     rows = torch.randn(2, 4, 8)
-    out, _, _ = again.fused_forward(list(rows.unbind(0)), torch.zeros(8), 1e-6)
+    out, _, _ = again.fused_forward(list(rows.unbind(0)), torch.zeros(8), torch.ones(8), 1e-6)
     torch.testing.assert_close(out, rows.mean(0))  # zero query: the mean of the sources

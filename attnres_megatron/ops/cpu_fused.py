@@ -25,7 +25,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.reference import compute_dtype
 
 GRAD_CHUNKS = 64
 """Token chunks of the deterministic query-gradient reduction."""
@@ -47,10 +46,7 @@ def fused_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The C++ forward: the mix, and the logits and inverse RMS ``[n, T]`` backward needs."""
     dtype = sources[0].dtype
-    rows = [kernel_rows(s, dtype) for s in sources]
-    stats = compute_dtype(dtype)
-    weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
-    return cpu_extension().fused_forward(rows, weighted_query, float(eps))
+    return cpu_extension().fused_forward([kernel_rows(s, dtype) for s in sources], query, gain, float(eps))
 
 
 class SharedGradient:
@@ -104,15 +100,13 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
         shared: tuple[Optional[SharedGradient], ...] = ctx.shared
         dtype = sources[0].dtype
-        rows = [kernel_rows(s, dtype) for s in sources]
-        stats = logits.dtype
-        weighted_query = (query.to(stats) * gain.to(stats)).contiguous()
         needs = [bool(ctx.needs_input_grad[4 + i]) or sh is not None for i, sh in enumerate(shared)]
         into = [NO_TENSOR if sh is None or sh.buffer is None else sh.buffer for sh in shared]
-        *grads, du = cpu_extension().fused_backward(
-            rows,
+        *grads, grad_query, grad_gain = cpu_extension().fused_backward(
+            [kernel_rows(s, dtype) for s in sources],
             kernel_rows(grad_out, dtype),
-            weighted_query,
+            query,
+            gain,
             logits,
             inv_rms,
             needs,
@@ -123,12 +117,15 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
         grad_sources = []
         for g, s, need, sh in zip(grads, sources, needs, shared):
             if sh is not None:
-                sh.buffer = g.view(s.shape)
-            grad_sources.append(g.view(s.shape).to(s.dtype) if need and sh is None else None)
-        grad_query = (du * gain.to(stats)).to(query.dtype)
-        grad_gain = (du * query.to(stats)).to(gain.dtype)
+                sh.buffer = g
+            grad_sources.append(like(g, s) if need and sh is None else None)
         token_grads = [torch.zeros((), dtype=dtype)] * ctx.num_tokens
         return (grad_query, grad_gain, None, None, *grad_sources, *token_grads)
+
+
+def like(grad: Tensor, source: Tensor) -> Tensor:
+    """A kernel's gradient of ``source`` (its shape already) in the source's dtype."""
+    return grad if grad.dtype == source.dtype else grad.to(source.dtype)
 
 
 def aggregate_cpu_fused(

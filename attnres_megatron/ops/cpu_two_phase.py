@@ -146,8 +146,8 @@ class _PhaseTwo(torch.autograd.Function):
         coefs = torch.empty(3, n_blocks, logits.shape[1], dtype=stats)
         grad = kernel_rows(grad_out, dtype).view(-1, grad_out.shape[-1])
         rows = [kernel_rows(s, dtype) for s in sources]
-        *grads, du = cpu_extension().fused_backward(
-            rows, grad, u, logits, inv_rms, needs, coefs, GRAD_CHUNKS, []
+        *grads, grad_query, grad_gain = cpu_extension().fused_backward(
+            rows, grad, query, gain, logits, inv_rms, needs, coefs, GRAD_CHUNKS, []
         )
         if any(deferred.needs):
             deferred.record(grad, coefs, u)
@@ -155,8 +155,6 @@ class _PhaseTwo(torch.autograd.Function):
         if ctx.has_partial and needs[-1]:
             partial = sources[-1]
             grad_partial = grads[-1].view(partial.shape).to(partial.dtype)
-        grad_query = (du * gain.to(stats)).to(query.dtype)
-        grad_gain = (du * query.to(stats)).to(gain.dtype)
         token_grad = torch.zeros((), dtype=stats)
         return (None, None, token_grad, grad_partial, grad_query, grad_gain, *([None] * n_blocks))
 

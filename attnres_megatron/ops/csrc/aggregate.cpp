@@ -54,8 +54,18 @@ static void forward_rows(const std::vector<const scalar_t*>& src, const at::opma
   finish_rows();
 }
 
-std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, torch::Tensor u, double eps) {
+// u = query * gain in the statistics dtype (fp32; fp64 for fp64 sources), contiguous.
+static torch::Tensor weighted_query(const torch::Tensor& source, const torch::Tensor& query, const torch::Tensor& gain) {
+  const auto stats = at::toOpMathType(source.scalar_type());
+  return (query.to(stats) * gain.to(stats)).contiguous();
+}
+
+// sources: n contiguous tensors of one shape [..., h] and dtype; query, gain: [h] (any float dtype).
+// Returns {out (the sources' shape), logits [n, T], inv_rms [n, T]} (statistics dtype).
+std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, torch::Tensor query, torch::Tensor gain,
+                                         double eps) {
   const int64_t n = sources.size(), h = sources[0].size(-1), T = sources[0].numel() / h;
+  const auto u = weighted_query(sources[0], query, gain);
   auto out = torch::empty_like(sources[0]);
   auto logits = torch::empty({n, T}, u.options()), rinv = torch::empty({n, T}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_fwd", [&] {
@@ -151,9 +161,10 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
   finish_rows();
 }
 
+// Returns {grad of each source (undefined where not needed or deferred), grad query, grad gain}.
 std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, torch::Tensor grad,
-                                          torch::Tensor u, torch::Tensor logits, torch::Tensor rinv,
-                                          std::vector<bool> needs_grad, torch::Tensor deferred,
+                                          torch::Tensor query, torch::Tensor gain, torch::Tensor logits,
+                                          torch::Tensor rinv, std::vector<bool> needs_grad, torch::Tensor deferred,
                                           int64_t chunks, std::vector<torch::Tensor> accumulate) {
   // deferred: empty, or [3, n_deferred, T] (stats dtype) receiving, for the first n_deferred
   // sources, the per-token coefficients of their gradient instead of the gradient itself.
@@ -172,6 +183,7 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
     grads.push_back(adds[i] ? accumulate[i] : needed ? torch::empty_like(sources[i]) : torch::Tensor());
   }
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, T));
+  const auto u = weighted_query(sources[0], query, gain);
   auto du_parts = torch::empty({chunks, h}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -196,6 +208,8 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
       }
     });
   });
-  grads.push_back(du_parts.sum(0));
+  const auto du = du_parts.sum(0);
+  grads.push_back((du * gain.to(du.scalar_type())).to(query.scalar_type()));
+  grads.push_back((du * query.to(du.scalar_type())).to(gain.scalar_type()));
   return grads;
 }
