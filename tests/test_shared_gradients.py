@@ -61,7 +61,7 @@ def test_shared_block_gradients_equal_the_fp64_reference(dtype, tol):
     want = torch.autograd.grad(total, copies)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
-    assert all(s.buffer is None for s in shared)  # handed on and released
+    assert all(s.gradient.buffer is None for s in shared)  # handed on and released
 
 
 def test_later_readers_add_into_the_first_gradient(monkeypatch):
@@ -142,3 +142,25 @@ def test_the_choice_and_its_log_line():
         "AttnRes aggregation: --attn-res-impl auto -> one-pass with the C++ kernels "
         "(cpu, float32, block gradients summed in place)"
     )
+
+
+def test_no_reference_cycle_keeps_a_step_alive():
+    """After backward and the step's end, the shared gradients are freed without the cyclic GC."""
+    import gc
+    import weakref
+
+    def one_step():
+        blocks, partials, queries, gains, upstream = three_readers(torch.float32)
+        shared = [SharedGradient(b) for b in blocks]
+
+        def ours(sources, query, gain):
+            return aggregate_cpu_fused(sources, query, gain, EPS, (*shared, None))
+
+        readers_of_two_blocks(ours, blocks, partials, queries, gains, upstream).backward()
+        return [weakref.ref(s) for s in shared] + [weakref.ref(s.gradient) for s in shared]
+
+    gc.disable()
+    try:
+        assert all(ref() is None for ref in one_step())
+    finally:
+        gc.enable()

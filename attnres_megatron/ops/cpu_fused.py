@@ -49,18 +49,11 @@ def fused_forward(
     return cpu_extension().fused_forward([kernel_rows(s, dtype) for s in sources], query, gain, float(eps))
 
 
-class SharedGradient:
-    """The gradient of one tensor that several aggregations read (a completed block), summed in
-    place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
+class GradientBuffer:
+    """Where the readers of one tensor sum its gradient (held by the collecting node)."""
 
-    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
-    backward only after every reader's backward of that pass, and it hands the sum on as the
-    tensor's gradient (other gradients of the tensor are still added by autograd).
-    """
-
-    def __init__(self, tensor: Tensor) -> None:
+    def __init__(self) -> None:
         self.buffer: Optional[Tensor] = None
-        self.token = _CollectGradient.apply(self, tensor)
 
     def take(self) -> Optional[Tensor]:
         """The summed gradient (None when no reader contributed); empties the buffer."""
@@ -68,18 +61,34 @@ class SharedGradient:
         return buffer
 
 
+class SharedGradient:
+    """The gradient of one tensor that several aggregations read (a completed block), summed in
+    place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
+
+    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
+    backward only after every reader's backward of that pass, and it hands the sum on as the
+    tensor's gradient (other gradients of the tensor are still added by autograd). The node
+    holds only the :class:`GradientBuffer`, not this object or its token, so no reference cycle
+    keeps the graph alive after the step.
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.gradient = GradientBuffer()
+        self.token = _CollectGradient.apply(self.gradient, tensor)
+
+
 class _CollectGradient(torch.autograd.Function):
     """Forward: a scalar token; backward: the shared gradient, once every reader added its part."""
 
     @staticmethod
-    def forward(ctx, shared: SharedGradient, tensor: Tensor) -> Tensor:
-        ctx.shared = shared
+    def forward(ctx, gradient: GradientBuffer, tensor: Tensor) -> Tensor:
+        ctx.gradient = gradient
         return torch.zeros((), dtype=tensor.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, _token_grad: Tensor):
-        return None, ctx.shared.take()
+        return None, ctx.gradient.take()
 
 
 class CpuFusedAttnResAggregate(torch.autograd.Function):
@@ -90,7 +99,8 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *inputs: Tensor) -> Tensor:
         sources = inputs[: len(shared)]
         out, logits, inv_rms = fused_forward(sources, query, gain, eps)
-        ctx.shared, ctx.num_tokens = shared, len(inputs) - len(shared)
+        ctx.shared = tuple(None if sh is None else sh.gradient for sh in shared)
+        ctx.num_tokens = len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
 
@@ -98,7 +108,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
-        shared: tuple[Optional[SharedGradient], ...] = ctx.shared
+        shared: tuple[Optional[GradientBuffer], ...] = ctx.shared
         dtype = sources[0].dtype
         needs = [bool(ctx.needs_input_grad[4 + i]) or sh is not None for i, sh in enumerate(shared)]
         into = [NO_TENSOR if sh is None or sh.buffer is None else sh.buffer for sh in shared]
