@@ -46,6 +46,11 @@ def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
         assert row["ratio_to_baseline"] == pytest.approx(ratios[1])
         assert row["ratio_range"] == pytest.approx([ratios[0], ratios[2]])
         assert 0 < row["fwd_bwd_ms"] <= row["step_ms"]
+        fwd_bwd = sorted(
+            f / b for f, b in zip(row["fwd_bwd_samples_ms"], rows["baseline", "torch"]["fwd_bwd_samples_ms"])
+        )
+        assert row["fwd_bwd_ratio_to_baseline"] == pytest.approx(fwd_bwd[1])
+        assert row["fwd_bwd_ratio_range"] == pytest.approx([fwd_bwd[0], fwd_bwd[2]])
     assert rows["baseline", "torch"]["ratio_to_baseline"] == 1.0
     profile = result["op_profile"]["block (auto)"]
     assert profile[-1]["op"] == "total (all ops)"
