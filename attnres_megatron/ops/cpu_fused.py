@@ -110,7 +110,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
         shared: tuple[Optional[GradientBuffer], ...] = ctx.shared
         dtype = sources[0].dtype
-        needs = [bool(ctx.needs_input_grad[4 + i]) or sh is not None for i, sh in enumerate(shared)]
+        needs = [bool(ctx.needs_input_grad[4 + i]) for i in range(len(shared))]
         into = [NO_TENSOR if sh is None or sh.buffer is None else sh.buffer for sh in shared]
         *grads, grad_query, grad_gain = cpu_extension().fused_backward(
             [kernel_rows(s, dtype) for s in sources],
@@ -122,7 +122,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
             needs,
             NO_TENSOR,
             GRAD_CHUNKS,
-            into if any(sh is not None for sh in shared) else [],
+            into,
         )
         grad_sources = []
         for g, s, need, sh in zip(grads, sources, needs, shared):

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, kernel_rows
+from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, kernel_rows, like
 from attnres_megatron.ops.reference import compute_dtype
 
 
@@ -151,10 +151,7 @@ class _PhaseTwo(torch.autograd.Function):
         )
         if any(deferred.needs):
             deferred.record(grad, coefs, u)
-        grad_partial = None
-        if ctx.has_partial and needs[-1]:
-            partial = sources[-1]
-            grad_partial = grads[-1].view(partial.shape).to(partial.dtype)
+        grad_partial = like(grads[-1], sources[-1]) if ctx.has_partial and needs[-1] else None
         token_grad = torch.zeros((), dtype=stats)
         return (None, None, token_grad, grad_partial, grad_query, grad_gain, *([None] * n_blocks))
 
