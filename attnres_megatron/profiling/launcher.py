@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
+from attnres_megatron.training.launch_env import LOOPBACK, free_port
+
 LAUNCHER_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "SLURM_")
 SPAWNED_MARKER = "ATTNRES_PROFILE_LOCAL_WORKERS"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker_env(rank: int, world_size: int, port: int, device: str) -> dict[str, str]:
@@ -42,7 +37,7 @@ def worker_env(rank: int, world_size: int, port: int, device: str) -> dict[str, 
 
 def spawn_workers(argv: list[str], world_size: int, device: str) -> int:
     """Run ``attnres-profile argv`` in ``world_size`` local processes; the first failure stops the rest."""
-    port = _free_port()
+    port = free_port(LOOPBACK)
     command = [sys.executable, "-m", "attnres_megatron.profiling.cli", *argv]
     workers = [
         subprocess.Popen(command, env=worker_env(rank, world_size, port, device))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -12,7 +11,13 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from attnres_megatron.compat.cpu_malloc import retain_freed_memory
 from attnres_megatron.compat.registry import install_adaptations
-from attnres_megatron.training.launch_env import LaunchEnv, discover_launch_env, export_for_torch
+from attnres_megatron.training.launch_env import (
+    LOOPBACK,
+    LaunchEnv,
+    discover_launch_env,
+    export_for_torch,
+    free_port,
+)
 
 DEFAULT_TIMEOUT_MINUTES = 10.0
 """Megatron-LM's ``--distributed-timeout-minutes`` default."""
@@ -84,11 +89,9 @@ def start_single_process(device: str = "cpu", seed: int = 1234) -> None:
     """A world of one process for tools (gloo on a free local port, whatever launcher variables
     say) with Megatron's parallel state and the device's adaptations; kept when one is up."""
     if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port(LOOPBACK)
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+            "gloo", init_method=f"tcp://{LOOPBACK}:{port}", rank=0, world_size=1
         )
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel(device, seed)

@@ -158,7 +158,7 @@ def _check(env: LaunchEnv, context: str, names: tuple[str, str, str, str], fix: 
     return env
 
 
-def _free_port(host: str = "") -> int:
+def free_port(host: str = "") -> int:
     """A TCP port that is free right now on ``host`` (all interfaces by default)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -253,7 +253,7 @@ def _mpi_rendezvous(
                         f"the other hosts can reach; {MPI_ADDR_FIX}"
                     )
         if port is None and error is None:
-            port = _free_port()
+            port = free_port()
         payload = (addr, port, error)
     addr, port, error = comm.bcast(payload, root=0)
     if error is not None:
@@ -497,5 +497,5 @@ def _single(env: Mapping[str, str]) -> LaunchEnv:
             env["MASTER_PORT"], "MASTER_PORT", "single-process launch", "set MASTER_PORT to a free TCP port"
         )
     else:
-        port = _free_port(LOOPBACK)
+        port = free_port(LOOPBACK)
     return LaunchEnv(0, 1, 0, 1, addr, port, "single")
