@@ -127,10 +127,33 @@ def test_build_failure_names_the_fix(monkeypatch, tmp_path):
 def test_streaming_stores_for_large_tensors(dtype, shape, tol):
     """Outputs of 4 MiB and more are written with streaming stores (aligned rows) or memcpy
     (rows off a 32-byte boundary, tails): fused and two-phase still equal the fp64 reference."""
-    from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
-
     sources, query, gain, grad = inputs(3, dtype, shape=shape, seed=17)
     assert sources[0].nbytes >= 4 << 20
+    assert_fused_and_two_phase_match(sources, query, gain, grad, tol)
+
+
+TILE_BYTES = 256 << 10
+"""``kTileBytes`` of ``csrc/rows.h``: the kernels read rows in tiles of this many bytes."""
+
+
+def test_rows_spanning_several_tiles_fp64():
+    """The kernels read ``TILE_BYTES / (row bytes x tensors read)`` rows per tile, tensor by tensor:
+    with 16 KiB fp64 rows that is 5 rows forward (3 sources), 4 backward (and the gradient), 8 in
+    two-phase's phase 1 (2 blocks), 4 in its block gradients (and 2 sublayer gradients); 300
+    tokens (2 threads of 150, 64 gradient chunks of 5) end in partial tiles everywhere. Fused and
+    two-phase still equal the fp64 reference."""
+    hidden, row_bytes = 2048, 2048 * 8
+    assert [TILE_BYTES // (row_bytes * k) for k in (3, 4, 2)] == [5, 4, 8]
+    sources, query, gain, grad = inputs(3, torch.float64, shape=(300, 1, hidden), seed=23)
+    assert_fused_and_two_phase_match(sources, query, gain, grad, 1e-11)
+
+
+def assert_fused_and_two_phase_match(sources, query, gain, grad, tol: float) -> None:
+    """The fused kernels on ``sources``, and two-phase with the first two as blocks and the third
+    as a sublayer's partial, equal the fp64 reference within ``tol`` (gradients: ``tol`` of their
+    largest entry)."""
+    from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
+
     out, grads = value_and_grads(aggregate_cpu_fused, sources, query, gain, grad)
     want, want_grads = oracle(sources, query, gain, grad)
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)

@@ -1,6 +1,7 @@
 """Two-phase Block AttnRes with the C++ CPU kernels (``--attn-res-impl two-phase`` on CPU).
 
-Same math as :mod:`attnres_megatron.ops.two_phase`, with the passes fused per token row:
+Same math as :mod:`attnres_megatron.ops.two_phase`, with the passes fused per tile of token rows
+(read tensor by tensor, as in :mod:`attnres_megatron.ops.cpu_fused`):
 
 * phase 1 (``csrc/two_phase.cpp``): every block row is read from memory once for its inverse
   RMS and the logits of all ``S`` queries, and once more from cache for the ``S`` accumulators

@@ -8,48 +8,50 @@
 #include <limits>
 #include <vector>
 
+// Logits and inverse RMS of rows [t0, t1) of every source, source by source (one sequential run
+// of rows each); w[(t - t0) * n + i] receives the logit of source i at token t.
+template <typename scalar_t, typename acc_t>
+static void tile_logits(const std::vector<const scalar_t*>& src, const acc_t* u, acc_t* w, acc_t* logits,
+                        acc_t* rinv, int64_t T, int64_t h, double eps, int64_t t0, int64_t t1) {
+  const int64_t n = src.size(), ahead = prefetch_rows(h * sizeof(scalar_t));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = t0; t < t1; ++t) {
+      prefetch_run(src, i, t, t0, t1, h, ahead);
+      acc_t ss, dot;
+      row_stats(src[i] + t * h, u, h, ss, dot);
+      const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+      logits[i * T + t] = w[(t - t0) * n + i] = dot * r;
+      rinv[i * T + t] = r;
+    }
+}
+
 template <typename scalar_t>
 static void forward_rows(const std::vector<const scalar_t*>& src, const at::opmath_type<scalar_t>* u,
                          scalar_t* out, at::opmath_type<scalar_t>* logits, at::opmath_type<scalar_t>* rinv,
                          int64_t T, int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = src.size();
-  std::vector<acc_t> acc(h);
+  const int64_t n = src.size(), R = tile_rows(h * sizeof(scalar_t), n);
+  std::vector<acc_t> w(R * n), acc(h);
   std::vector<scalar_t> row(h);
-  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + ahead < end)
-      for (int64_t i = 0; i < n; ++i) prefetch_row(src[i] + (t + ahead) * h, h * sizeof(scalar_t));
-    acc_t m = -std::numeric_limits<acc_t>::infinity(), d = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* v = src[i] + t * h;
-      acc_t ss = 0, dot = 0;
-      #pragma omp simd reduction(+:ss, dot)
-      for (int64_t k = 0; k < h; ++k) {
-        acc_t x = static_cast<acc_t>(v[k]);
-        ss += x * x;
-        dot += x * u[k];
-      }
-      acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
-      acc_t logit = dot * r;
-      logits[i * T + t] = logit;
-      rinv[i * T + t] = r;
-      acc_t m_new = std::max(m, logit);
-      acc_t scale = std::exp(m - m_new), p = std::exp(logit - m_new);
-      if (i == 0) {
+  for (int64_t t0 = begin; t0 < end; t0 += R) {
+    const int64_t t1 = std::min(end, t0 + R);
+    tile_logits(src, u, w.data(), logits, rinv, T, h, eps, t0, t1);
+    for (int64_t t = t0; t < t1; ++t) {  // the mix, row by row, the tile's rows from cache
+      acc_t* p = w.data() + (t - t0) * n;
+      softmax_weights(p, p, n);
+      const scalar_t* v = src[0] + t * h;
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) acc[k] = p[0] * static_cast<acc_t>(v[k]);
+      for (int64_t i = 1; i < n; ++i) {
+        const scalar_t* vi = src[i] + t * h;
+        const acc_t pi = p[i];
         #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) acc[k] = p * static_cast<acc_t>(v[k]);
-      } else {
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) acc[k] = acc[k] * scale + p * static_cast<acc_t>(v[k]);
+        for (int64_t k = 0; k < h; ++k) acc[k] += pi * static_cast<acc_t>(vi[k]);
       }
-      d = d * scale + p;
-      m = m_new;
+      #pragma omp simd
+      for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k]);
+      write_row(out + t * h, row.data(), h * sizeof(scalar_t), stream);
     }
-    acc_t inv_d = acc_t(1) / d;
-    #pragma omp simd
-    for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k] * inv_d);
-    write_row(out + t * h, row.data(), h * sizeof(scalar_t), stream);
   }
   finish_rows();
 }
@@ -86,76 +88,71 @@ std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, tor
 
 template <typename scalar_t>
 static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
-                          const std::vector<char>& accumulate, at::opmath_type<scalar_t>* deferred, int64_t n_deferred, const scalar_t* grad,
-                          const at::opmath_type<scalar_t>* u,
+                          const std::vector<char>& accumulate, at::opmath_type<scalar_t>* deferred,
+                          int64_t n_deferred, const scalar_t* grad, const at::opmath_type<scalar_t>* u,
                           const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
                           at::opmath_type<scalar_t>* du, int64_t T, int64_t h, bool stream, int64_t begin,
                           int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = src.size();
-  std::vector<acc_t> alpha(n), ga(n), du_acc(h, acc_t(0));
+  const int64_t n = src.size(), R = tile_rows(h * sizeof(scalar_t), n + 1), ahead = prefetch_rows(h * sizeof(scalar_t));
+  const std::vector<const scalar_t*> gradient{grad};
+  // Per tile row t and source i: grad . v_i, then the gradient's coefficients (alpha, coef, scaled).
+  std::vector<acc_t> ga(R * n), cf(3 * R * n), l(n), alpha(n), du_acc(h, acc_t(0));
   std::vector<scalar_t> row(h);
-  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + ahead < T) {  // chunks of one thread are consecutive: prefetch across their boundaries
-      prefetch_row(grad + (t + ahead) * h, h * sizeof(scalar_t));
+  for (int64_t t0 = begin; t0 < end; t0 += R) {
+    const int64_t t1 = std::min(end, t0 + R);
+    for (int64_t i = 0; i < n; ++i)  // source by source; the gradient rows come from cache after the first
+      for (int64_t t = t0; t < t1; ++t) {
+        prefetch_run(src, i, t, t0, t1, h, ahead);
+        if (i == 0) prefetch_run(gradient, 0, t, t0, t1, h, ahead);
+        ga[(t - t0) * n + i] = row_dot<acc_t>(grad + t * h, src[i] + t * h, h);
+      }
+    for (int64_t t = t0; t < t1; ++t) {
+      acc_t* c = cf.data() + (t - t0) * n * 3;
+      const acc_t* dots = ga.data() + (t - t0) * n;
+      for (int64_t i = 0; i < n; ++i) l[i] = logits[i * T + t];
+      softmax_weights(l.data(), alpha.data(), n);
+      acc_t mean_ga = 0;
+      for (int64_t i = 0; i < n; ++i) mean_ga += alpha[i] * dots[i];
       for (int64_t i = 0; i < n; ++i) {
-        prefetch_row(src[i] + (t + ahead) * h, h * sizeof(scalar_t));
-        if (accumulate[i]) prefetch_row(gsrc[i] + (t + ahead) * h, h * sizeof(scalar_t));
+        const acc_t r = rinv[i * T + t], gl = alpha[i] * (dots[i] - mean_ga);
+        c[3 * i] = alpha[i];
+        c[3 * i + 1] = -gl * l[i] * r * r / h;  // coef
+        c[3 * i + 2] = gl * r;                     // scaled
+        if (i < n_deferred)  // grad_v = alpha * grad + coef * v + scaled * u, summed later (two-phase)
+          for (int64_t q = 0; q < 3; ++q) deferred[(q * n_deferred + i) * T + t] = c[3 * i + q];
       }
     }
-    const scalar_t* g = grad + t * h;
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, logits[i * T + t]);
-    acc_t d = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      alpha[i] = std::exp(logits[i * T + t] - m);
-      d += alpha[i];
-    }
-    acc_t mean_ga = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      alpha[i] /= d;
-      const scalar_t* v = src[i] + t * h;
-      acc_t dot = 0;
-      #pragma omp simd reduction(+:dot)
-      for (int64_t k = 0; k < h; ++k) dot += static_cast<acc_t>(g[k]) * static_cast<acc_t>(v[k]);
-      ga[i] = dot;
-      mean_ga += alpha[i] * dot;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t logit = logits[i * T + t], r = rinv[i * T + t];
-      const acc_t gl = alpha[i] * (ga[i] - mean_ga);
-      const acc_t scaled = gl * r, coef = -gl * logit * r * r / h, a = alpha[i];
-      const scalar_t* v = src[i] + t * h;
-      scalar_t* gv = gsrc[i];
-      if (i < n_deferred) {  // grad_v = a * grad + coef * v + scaled * u, summed later (two-phase)
-        deferred[(0 * n_deferred + i) * T + t] = a;
-        deferred[(1 * n_deferred + i) * T + t] = coef;
-        deferred[(2 * n_deferred + i) * T + t] = scaled;
-      }
-      if (gv == nullptr) {
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
-        continue;
-      }
-      gv += t * h;
-      if (accumulate[i]) {  // gv += this sublayer's part of the source gradient (one read-modify-write)
+    for (int64_t i = 0; i < n; ++i)  // source by source again: one sequential run of gradient rows each
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t* c = cf.data() + ((t - t0) * n + i) * 3;
+        const acc_t a = c[0], coef = c[1], scaled = c[2];
+        const scalar_t* v = src[i] + t * h;
+        const scalar_t* g = grad + t * h;
+        scalar_t* gv = gsrc[i];
+        if (gv == nullptr) {
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
+          continue;
+        }
+        gv += t * h;
+        if (accumulate[i]) {  // gv += this call's part of the source gradient (one read-modify-write)
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) {
+            const acc_t x = static_cast<acc_t>(v[k]);
+            du_acc[k] += scaled * x;
+            gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + (a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]));
+          }
+          continue;
+        }
         #pragma omp simd
         for (int64_t k = 0; k < h; ++k) {
           const acc_t x = static_cast<acc_t>(v[k]);
           du_acc[k] += scaled * x;
-          gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + (a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]));
+          row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
         }
-        continue;
+        write_row(gv, row.data(), h * sizeof(scalar_t), stream);
       }
-      #pragma omp simd
-      for (int64_t k = 0; k < h; ++k) {
-        const acc_t x = static_cast<acc_t>(v[k]);
-        du_acc[k] += scaled * x;
-        row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
-      }
-      write_row(gv, row.data(), h * sizeof(scalar_t), stream);
-    }
   }
   for (int64_t k = 0; k < h; ++k) du[k] = du_acc[k];
   finish_rows();

@@ -2,7 +2,10 @@
 #ifndef ATTNRES_CSRC_ROWS_H
 #define ATTNRES_CSRC_ROWS_H
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -31,15 +34,82 @@ inline void write_row(void* dst, const void* src, int64_t bytes, bool stream) {
   std::memcpy(dst, src, bytes);
 }
 
-// Rows this far ahead of the one being read are prefetched (at least 2 KiB ahead per stream):
-// a row's sources are read one after another with a reduction in between, and the hardware
-// prefetchers alone keep too few lines in flight for DRAM's latency when the rows are cold.
+// Rows this far ahead of the one being read are prefetched: at least 2 KiB ahead per run.
 inline int64_t prefetch_rows(int64_t row_bytes) { return row_bytes >= 2048 ? 1 : (2048 + row_bytes - 1) / row_bytes; }
 
 // Prefetch `bytes` from `p` into the cache, one line at a time.
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k, 0, 3);
+}
+
+// Rows are processed in tiles: a pass that reads every source of a tile reads each source's
+// tile rows one after another (one sequential run of R rows per source, which the hardware
+// prefetchers follow; row by row, n interleaved runs of one row each reach a fraction of the
+// bandwidth), and the passes after it find the tile in the core's cache.
+constexpr int64_t kTileBytes = int64_t(256) << 10;
+
+// Rows per tile when a row of each of `streams` tensors takes `row_bytes`.
+inline int64_t tile_rows(int64_t row_bytes, int64_t streams) {
+  return std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes * streams));
+}
+
+// ss = v . v and dot = u . v over one row of h, in one pass (statistics in acc_t).
+template <typename scalar_t, typename acc_t>
+inline void row_stats(const scalar_t* v, const acc_t* u, int64_t h, acc_t& ss, acc_t& dot) {
+  acc_t s = 0, d = 0;
+  #pragma omp simd reduction(+:s, d)
+  for (int64_t k = 0; k < h; ++k) {
+    const acc_t x = static_cast<acc_t>(v[k]);
+    s += x * x;
+    d += x * u[k];
+  }
+  ss = s;
+  dot = d;
+}
+
+// a . b over one row of h (statistics in acc_t).
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t row_dot(const a_t* a, const b_t* b, int64_t h) {
+  acc_t d = 0;
+  #pragma omp simd reduction(+:d)
+  for (int64_t k = 0; k < h; ++k) d += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
+  return d;
+}
+
+// p[0:n] = exp(l[0:n] - max l) (p may be l); returns max l, and their sum in den.
+template <typename acc_t>
+inline acc_t exp_weights(const acc_t* l, acc_t* p, int64_t n, acc_t& den) {
+  acc_t mx = l[0], d = 0;
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, l[i]);
+  for (int64_t i = 0; i < n; ++i) d += (p[i] = std::exp(l[i] - mx));
+  den = d;
+  return mx;
+}
+
+// p[0:n] = softmax(l[0:n]) (p may be l).
+template <typename acc_t>
+inline void softmax_weights(const acc_t* l, acc_t* p, int64_t n) {
+  acc_t den;
+  exp_weights(l, p, n, den);
+  const acc_t inv = acc_t(1) / den;
+  for (int64_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+// Prefetches the row `ahead` rows after row t of tensor i in a tile pass that reads the
+// tensors' rows [t0, t1) one tensor after another (the next tensor's first rows near the end
+// of a run): the hardware prefetchers lose a run at every 4 KiB page and when it switches
+// tensors, which costs the most when the rows come from DRAM rather than the last-level cache.
+template <typename scalar_t>
+inline void prefetch_run(const std::vector<const scalar_t*>& rows, int64_t i, int64_t t, int64_t t0, int64_t t1,
+                         int64_t h, int64_t ahead) {
+  int64_t next = t + ahead;
+  if (next >= t1) {
+    if (++i >= static_cast<int64_t>(rows.size())) return;
+    next = t0 + (next - t1);
+    if (next >= t1) return;
+  }
+  prefetch_row(rows[i] + next * h, h * sizeof(scalar_t));
 }
 
 // Orders this thread's streaming stores before whatever follows (call once per parallel chunk).

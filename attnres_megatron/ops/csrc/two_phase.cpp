@@ -16,57 +16,44 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
                            at::opmath_type<scalar_t>* d, int64_t T, int64_t h, double eps, bool stream,
                            int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nb = blocks.size();
-  std::vector<acc_t> l(S * nb), mj(S), dj(S), acc(o == nullptr ? 0 : S * h);
-  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + ahead < end)
-      for (int64_t i = 0; i < nb; ++i) prefetch_row(blocks[i] + (t + ahead) * h, h * sizeof(scalar_t));
-    // Logits of every (sublayer j, block i); block rows come from memory once, then from cache.
-    for (int64_t i = 0; i < nb; ++i) {
-      const scalar_t* v = blocks[i] + t * h;
-      acc_t ss = 0;
-      #pragma omp simd reduction(+:ss)
-      for (int64_t k = 0; k < h; ++k) ss += static_cast<acc_t>(v[k]) * static_cast<acc_t>(v[k]);
-      const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
-      rinv[i * T + t] = r;
-      for (int64_t j = 0; j < S; ++j) {
-        const acc_t* u = U + j * h;
-        acc_t dot = 0;
-        #pragma omp simd reduction(+:dot)
-        for (int64_t k = 0; k < h; ++k) dot += static_cast<acc_t>(v[k]) * u[k];
-        l[j * nb + i] = dot * r;
-        logits[(j * nb + i) * T + t] = dot * r;
-      }
-    }
-    for (int64_t j = 0; j < S; ++j) {
-      acc_t mx = -std::numeric_limits<acc_t>::infinity(), den = 0;
-      for (int64_t i = 0; i < nb; ++i) mx = std::max(mx, l[j * nb + i]);
-      for (int64_t i = 0; i < nb; ++i) {
-        l[j * nb + i] = std::exp(l[j * nb + i] - mx);  // now the unnormalised weight p_{j,i}
-        den += l[j * nb + i];
-      }
-      mj[j] = mx;
-      dj[j] = den;
-      m[j * T + t] = mx;
-      d[j * T + t] = den;
-    }
-    if (o == nullptr) continue;  // one block: o_j is the block itself (p = 1, d = 1)
-    for (int64_t i = 0; i < nb; ++i) {
-      const scalar_t* v = blocks[i] + t * h;
-      for (int64_t j = 0; j < S; ++j) {
-        acc_t* oj = acc.data() + j * h;
-        const acc_t p = l[j * nb + i];
-        if (i == 0) {
-          #pragma omp simd
-          for (int64_t k = 0; k < h; ++k) oj[k] = p * static_cast<acc_t>(v[k]);
-        } else {
-          #pragma omp simd
-          for (int64_t k = 0; k < h; ++k) oj[k] += p * static_cast<acc_t>(v[k]);
+  const int64_t nb = blocks.size(), R = tile_rows(h * sizeof(scalar_t), nb), ahead = prefetch_rows(h * sizeof(scalar_t));
+  // p[((t - t0) * S + j) * nb + i]: the logit, then the unnormalised weight, of block i for sublayer j.
+  std::vector<acc_t> p(R * S * nb), acc(o == nullptr ? 0 : h);
+  for (int64_t t0 = begin; t0 < end; t0 += R) {
+    const int64_t t1 = std::min(end, t0 + R);
+    for (int64_t i = 0; i < nb; ++i)  // block by block: one sequential run of tile rows each
+      for (int64_t t = t0; t < t1; ++t) {
+        prefetch_run(blocks, i, t, t0, t1, h, ahead);
+        const scalar_t* v = blocks[i] + t * h;
+        acc_t ss, dot;
+        row_stats(v, U, h, ss, dot);
+        const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+        rinv[i * T + t] = r;
+        for (int64_t j = 0; j < S; ++j) {
+          if (j > 0) dot = row_dot<acc_t>(v, U + j * h, h);  // v from cache
+          logits[(j * nb + i) * T + t] = p[((t - t0) * S + j) * nb + i] = dot * r;
         }
       }
-    }
-    for (int64_t j = 0; j < S; ++j) write_row(o + (j * T + t) * h, acc.data() + j * h, h * sizeof(acc_t), stream);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < S; ++j) {
+        acc_t* pj = p.data() + ((t - t0) * S + j) * nb;
+        m[j * T + t] = exp_weights(pj, pj, nb, d[j * T + t]);
+      }
+    if (o == nullptr) continue;  // one block: o_j is the block itself (p = 1, d = 1)
+    for (int64_t j = 0; j < S; ++j)  // sublayer by sublayer: one sequential run of o_j rows each
+      for (int64_t t = t0; t < t1; ++t) {
+        const acc_t* pj = p.data() + ((t - t0) * S + j) * nb;
+        const scalar_t* v = blocks[0] + t * h;
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) acc[k] = pj[0] * static_cast<acc_t>(v[k]);
+        for (int64_t i = 1; i < nb; ++i) {
+          const scalar_t* vi = blocks[i] + t * h;
+          const acc_t pi = pj[i];
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) acc[k] += pi * static_cast<acc_t>(vi[k]);
+        }
+        write_row(o + (j * T + t) * h, acc.data(), h * sizeof(acc_t), stream);
+      }
   }
   finish_rows();
 }
@@ -100,38 +87,36 @@ static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_ty
                            int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<scalar_t> y(h);
-  const int64_t ahead = prefetch_rows(h * sizeof(o_t));
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + ahead < end) {
-      prefetch_row(o + (t + ahead) * h, h * sizeof(o_t));
-      if (vp != nullptr) prefetch_row(vp + (t + ahead) * h, h * sizeof(scalar_t));
-    }
-    const o_t* ot = o + t * h;
-    if (vp == nullptr) {  // first sublayer of a block: no partial sum yet
-      const acc_t inv_d = acc_t(1) / d[t];
+  const int64_t R = tile_rows(h * sizeof(scalar_t), 2), ahead = prefetch_rows(h * sizeof(scalar_t));
+  const std::vector<const scalar_t*> partials{vp};
+  for (int64_t t0 = begin; t0 < end; t0 += R) {
+    const int64_t t1 = std::min(end, t0 + R);
+    if (vp != nullptr)  // the partial's logits first: one sequential run of its tile rows
+      for (int64_t t = t0; t < t1; ++t) {
+        prefetch_run(partials, 0, t, t0, t1, h, ahead);
+        acc_t ss, dot;
+        row_stats(vp + t * h, u, h, ss, dot);
+        rp[t] = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+        lp[t] = dot * rp[t];
+      }
+    for (int64_t t = t0; t < t1; ++t) {
+      const o_t* ot = o + t * h;
+      if (vp == nullptr) {  // first sublayer of a block: no partial sum yet
+        const acc_t inv_d = acc_t(1) / d[t];
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(ot[k]) * inv_d);
+        write_row(out + t * h, y.data(), h * sizeof(scalar_t), stream);
+        continue;
+      }
+      const scalar_t* v = vp + t * h;
+      const acc_t mx = std::max(m[t], lp[t]);
+      const acc_t a = std::exp(m[t] - mx), b = std::exp(lp[t] - mx);
+      const acc_t inv_den = acc_t(1) / (a * d[t] + b), wa = a * inv_den, wb = b * inv_den;
       #pragma omp simd
-      for (int64_t k = 0; k < h; ++k) y[k] = static_cast<scalar_t>(static_cast<acc_t>(ot[k]) * inv_d);
+      for (int64_t k = 0; k < h; ++k)
+        y[k] = static_cast<scalar_t>(wa * static_cast<acc_t>(ot[k]) + wb * static_cast<acc_t>(v[k]));
       write_row(out + t * h, y.data(), h * sizeof(scalar_t), stream);
-      continue;
     }
-    const scalar_t* v = vp + t * h;
-    acc_t ss = 0, dot = 0;
-    #pragma omp simd reduction(+:ss, dot)
-    for (int64_t k = 0; k < h; ++k) {
-      const acc_t x = static_cast<acc_t>(v[k]);
-      ss += x * x;
-      dot += x * u[k];
-    }
-    const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps)), logit = dot * r;
-    lp[t] = logit;
-    rp[t] = r;
-    const acc_t mx = std::max(m[t], logit);
-    const acc_t a = std::exp(m[t] - mx), b = std::exp(logit - mx);
-    const acc_t inv_den = acc_t(1) / (a * d[t] + b), wa = a * inv_den, wb = b * inv_den;
-    #pragma omp simd
-    for (int64_t k = 0; k < h; ++k)
-      y[k] = static_cast<scalar_t>(wa * static_cast<acc_t>(ot[k]) + wb * static_cast<acc_t>(v[k]));
-    write_row(out + t * h, y.data(), h * sizeof(scalar_t), stream);
   }
   finish_rows();
 }
@@ -172,36 +157,35 @@ static void block_grad_rows(const std::vector<const scalar_t*>& blocks, const st
                             const at::opmath_type<scalar_t>* U, int64_t T, int64_t h, bool stream, int64_t begin,
                             int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nb = blocks.size(), S = grads.size();
+  const int64_t nb = blocks.size(), S = grads.size(), R = tile_rows(h * sizeof(scalar_t), S + nb);
+  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   std::vector<acc_t> acc(h);
   std::vector<scalar_t> row(h);
   auto coef = [&](int64_t j, int64_t kind, int64_t i, int64_t t) { return coefs[((j * 3 + kind) * nb + i) * T + t]; };
-  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
-  for (int64_t t = begin; t < end; ++t) {
-    if (t + ahead < end) {
-      for (int64_t j = 0; j < S; ++j) prefetch_row(grads[j] + (t + ahead) * h, h * sizeof(scalar_t));
-      for (int64_t i = 0; i < nb; ++i)
-        if (gblocks[i] != nullptr) prefetch_row(blocks[i] + (t + ahead) * h, h * sizeof(scalar_t));
-    }
-    for (int64_t i = 0; i < nb; ++i) {
+  for (int64_t t0 = begin; t0 < end; t0 += R) {
+    const int64_t t1 = std::min(end, t0 + R);
+    for (int64_t i = 0; i < nb; ++i) {  // block by block: one sequential run of rows each
       if (gblocks[i] == nullptr) continue;
-      // grad b_i = sum_j (alpha_ji grad_j + coef_ji b_i + scaled_ji u_j): the S gradient rows
-      // stay in cache across the blocks of this token.
-      const scalar_t* v = blocks[i] + t * h;
-      acc_t c = 0;
-      for (int64_t j = 0; j < S; ++j) c += coef(j, 1, i, t);
-      #pragma omp simd
-      for (int64_t k = 0; k < h; ++k) acc[k] = c * static_cast<acc_t>(v[k]);
-      for (int64_t j = 0; j < S; ++j) {
-        const acc_t a = coef(j, 0, i, t), sc = coef(j, 2, i, t);
-        const scalar_t* g = grads[j] + t * h;
-        const acc_t* u = U + j * h;
+      for (int64_t t = t0; t < t1; ++t) {
+        prefetch_run(blocks, i, t, t0, t1, h, ahead);
+        // grad b_i = sum_j (alpha_ji grad_j + coef_ji b_i + scaled_ji u_j): the S gradient rows of
+        // the tile come from cache after the first block.
+        const scalar_t* v = blocks[i] + t * h;
+        acc_t c = 0;
+        for (int64_t j = 0; j < S; ++j) c += coef(j, 1, i, t);
         #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) acc[k] += a * static_cast<acc_t>(g[k]) + sc * u[k];
+        for (int64_t k = 0; k < h; ++k) acc[k] = c * static_cast<acc_t>(v[k]);
+        for (int64_t j = 0; j < S; ++j) {
+          const acc_t a = coef(j, 0, i, t), sc = coef(j, 2, i, t);
+          const scalar_t* g = grads[j] + t * h;
+          const acc_t* u = U + j * h;
+          #pragma omp simd
+          for (int64_t k = 0; k < h; ++k) acc[k] += a * static_cast<acc_t>(g[k]) + sc * u[k];
+        }
+        #pragma omp simd
+        for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k]);
+        write_row(gblocks[i] + t * h, row.data(), h * sizeof(scalar_t), stream);
       }
-      #pragma omp simd
-      for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k]);
-      write_row(gblocks[i] + t * h, row.data(), h * sizeof(scalar_t), stream);
     }
   }
   finish_rows();
