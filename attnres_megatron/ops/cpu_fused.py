@@ -12,7 +12,8 @@ C++ with ATen's ``parallel_for`` (OpenMP) in ``csrc/aggregate.cpp``, built on fi
 * backward, per tile: ``grad . v_i`` for every source, then the source gradients and the
   query-gradient contribution, source by source, the rows again coming from cache;
 * deterministic: tokens are cut into a fixed number of chunks (independent of the thread
-  count); each chunk sums its query-gradient row in token order and the chunks are added in
+  count); each chunk sums its query-gradient row in one fixed order (tiles start at chunk
+  boundaries: source by source, token by token) and the chunks are added in
   chunk order, so two runs give bitwise-identical gradients on any number of threads.
 
 Saved for backward: the sources (references) plus logits and inverse RMS ``[n, T]`` in the

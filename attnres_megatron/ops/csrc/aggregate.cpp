@@ -12,11 +12,12 @@
 // of rows each); w[(t - t0) * n + i] receives the logit of source i at token t.
 template <typename scalar_t, typename acc_t>
 static void tile_logits(const std::vector<const scalar_t*>& src, const acc_t* u, acc_t* w, acc_t* logits,
-                        acc_t* rinv, int64_t T, int64_t h, double eps, int64_t t0, int64_t t1) {
-  const int64_t n = src.size(), ahead = prefetch_rows(h * sizeof(scalar_t));
+                        acc_t* rinv, int64_t T, int64_t h, double eps, int64_t t0, int64_t t1, int64_t R,
+                        int64_t end) {
+  const int64_t n = src.size();
   for (int64_t i = 0; i < n; ++i)
     for (int64_t t = t0; t < t1; ++t) {
-      prefetch_run(src, i, t, t0, t1, h, ahead);
+      prefetch_next_tile(src[i], t, R, end, h);
       acc_t ss, dot;
       row_stats(src[i] + t * h, u, h, ss, dot);
       const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
@@ -35,7 +36,7 @@ static void forward_rows(const std::vector<const scalar_t*>& src, const at::opma
   std::vector<scalar_t> row(h);
   for (int64_t t0 = begin; t0 < end; t0 += R) {
     const int64_t t1 = std::min(end, t0 + R);
-    tile_logits(src, u, w.data(), logits, rinv, T, h, eps, t0, t1);
+    tile_logits(src, u, w.data(), logits, rinv, T, h, eps, t0, t1, R, end);
     for (int64_t t = t0; t < t1; ++t) {  // the mix, row by row, the tile's rows from cache
       acc_t* p = w.data() + (t - t0) * n;
       softmax_weights(p, p, n);
@@ -91,20 +92,22 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
                           const std::vector<char>& accumulate, at::opmath_type<scalar_t>* deferred,
                           int64_t n_deferred, const scalar_t* grad, const at::opmath_type<scalar_t>* u,
                           const at::opmath_type<scalar_t>* logits, const at::opmath_type<scalar_t>* rinv,
-                          at::opmath_type<scalar_t>* du, int64_t T, int64_t h, bool stream, int64_t begin,
-                          int64_t end) {
+                          at::opmath_type<scalar_t>* du, int64_t per_chunk, int64_t R, int64_t T, int64_t h,
+                          bool stream, int64_t begin, int64_t end) {
+  // du: [chunks, h] (zeros); row t adds its query-gradient part to chunk t / per_chunk's row. A
+  // tile is either whole chunks (R a multiple of per_chunk) or lies within one chunk, and tiles
+  // start at chunk boundaries, so each chunk's additions come in one order whatever the threads.
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = src.size(), R = tile_rows(h * sizeof(scalar_t), n + 1), ahead = prefetch_rows(h * sizeof(scalar_t));
-  const std::vector<const scalar_t*> gradient{grad};
+  const int64_t n = src.size();
   // Per tile row t and source i: grad . v_i, then the gradient's coefficients (alpha, coef, scaled).
-  std::vector<acc_t> ga(R * n), cf(3 * R * n), l(n), alpha(n), du_acc(h, acc_t(0));
+  std::vector<acc_t> ga(R * n), cf(3 * R * n), l(n), alpha(n);
   std::vector<scalar_t> row(h);
-  for (int64_t t0 = begin; t0 < end; t0 += R) {
-    const int64_t t1 = std::min(end, t0 + R);
+  for (int64_t t0 = begin, t1; t0 < end; t0 = t1) {
+    t1 = std::min({end, t0 + R, R >= per_chunk ? end : (t0 / per_chunk + 1) * per_chunk});
     for (int64_t i = 0; i < n; ++i)  // source by source; the gradient rows come from cache after the first
       for (int64_t t = t0; t < t1; ++t) {
-        prefetch_run(src, i, t, t0, t1, h, ahead);
-        if (i == 0) prefetch_run(gradient, 0, t, t0, t1, h, ahead);
+        prefetch_next_tile(src[i], t, R, end, h);
+        if (i == 0) prefetch_next_tile(grad, t, R, end, h);
         ga[(t - t0) * n + i] = row_dot<acc_t>(grad + t * h, src[i] + t * h, h);
       }
     for (int64_t t = t0; t < t1; ++t) {
@@ -129,12 +132,14 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
         const acc_t a = c[0], coef = c[1], scaled = c[2];
         const scalar_t* v = src[i] + t * h;
         const scalar_t* g = grad + t * h;
+        acc_t* du_acc = du + (t / per_chunk) * h;
         scalar_t* gv = gsrc[i];
         if (gv == nullptr) {
           #pragma omp simd
           for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
           continue;
         }
+        if (accumulate[i]) prefetch_next_tile(gv, t, R, end, h);
         gv += t * h;
         if (accumulate[i]) {  // gv += this call's part of the source gradient (one read-modify-write)
           #pragma omp simd
@@ -154,7 +159,6 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
         write_row(gv, row.data(), h * sizeof(scalar_t), stream);
       }
   }
-  for (int64_t k = 0; k < h; ++k) du[k] = du_acc[k];
   finish_rows();
 }
 
@@ -181,7 +185,7 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
   }
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, T));
   const auto u = weighted_query(sources[0], query, gain);
-  auto du_parts = torch::empty({chunks, h}, u.options());
+  auto du_parts = torch::zeros({chunks, h}, u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "attnres_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> src;
@@ -196,13 +200,16 @@ std::vector<torch::Tensor> fused_backward(std::vector<torch::Tensor> sources, to
     const acc_t* rp = rinv.data_ptr<acc_t>();
     acc_t* dp = du_parts.data_ptr<acc_t>();
     const int64_t per_chunk = (T + chunks - 1) / chunks;
+    // Tiles of whole chunks where a tile holds several (each a parallel item), else tiles within a chunk.
+    // (a power of two chunks per item: the items split evenly between 2^k threads)
+    const int64_t fit = tile_rows(h * sizeof(scalar_t), n + 1);
+    int64_t group = 1;
+    while (2 * group * per_chunk <= fit && 2 * group <= chunks) group *= 2;
+    const int64_t R = group > 1 ? group * per_chunk : std::min(fit, per_chunk), span = group * per_chunk;
     const bool stream = stream_output(sources[0].nbytes());
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t begin = c * per_chunk, end = std::min(T, begin + per_chunk);
-        if (begin >= end) { std::fill(dp + c * h, dp + (c + 1) * h, acc_t(0)); continue; }
-        backward_rows<scalar_t>(src, gsrc, adds, n_deferred ? deferred.data_ptr<acc_t>() : nullptr, n_deferred, gp, up, lp, rp, dp + c * h, T, h, stream, begin, end);
-      }
+    at::parallel_for(0, (T + span - 1) / span, 1, [&](int64_t a, int64_t b) {
+      backward_rows<scalar_t>(src, gsrc, adds, n_deferred ? deferred.data_ptr<acc_t>() : nullptr, n_deferred, gp, up,
+                              lp, rp, dp, per_chunk, R, T, h, stream, a * span, std::min(T, b * span));
     });
   });
   const auto du = du_parts.sum(0);

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -33,9 +32,6 @@ inline void write_row(void* dst, const void* src, int64_t bytes, bool stream) {
 #endif
   std::memcpy(dst, src, bytes);
 }
-
-// Rows this far ahead of the one being read are prefetched: at least 2 KiB ahead per run.
-inline int64_t prefetch_rows(int64_t row_bytes) { return row_bytes >= 2048 ? 1 : (2048 + row_bytes - 1) / row_bytes; }
 
 // Prefetch `bytes` from `p` into the cache, one line at a time.
 inline void prefetch_row(const void* p, int64_t bytes) {
@@ -96,20 +92,12 @@ inline void softmax_weights(const acc_t* l, acc_t* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] *= inv;
 }
 
-// Prefetches the row `ahead` rows after row t of tensor i in a tile pass that reads the
-// tensors' rows [t0, t1) one tensor after another (the next tensor's first rows near the end
-// of a run): the hardware prefetchers lose a run at every 4 KiB page and when it switches
-// tensors, which costs the most when the rows come from DRAM rather than the last-level cache.
+// Prefetches row t + R of `rows`, the same row of the next tile, when it is below `end`: while a
+// pass reads one tile, the next one comes in, from all its tensors at once (the hardware
+// prefetchers follow one run at a time and stop at every 4 KiB page).
 template <typename scalar_t>
-inline void prefetch_run(const std::vector<const scalar_t*>& rows, int64_t i, int64_t t, int64_t t0, int64_t t1,
-                         int64_t h, int64_t ahead) {
-  int64_t next = t + ahead;
-  if (next >= t1) {
-    if (++i >= static_cast<int64_t>(rows.size())) return;
-    next = t0 + (next - t1);
-    if (next >= t1) return;
-  }
-  prefetch_row(rows[i] + next * h, h * sizeof(scalar_t));
+inline void prefetch_next_tile(const scalar_t* rows, int64_t t, int64_t R, int64_t end, int64_t h) {
+  if (t + R < end) prefetch_row(rows + (t + R) * h, h * sizeof(scalar_t));
 }
 
 // Orders this thread's streaming stores before whatever follows (call once per parallel chunk).

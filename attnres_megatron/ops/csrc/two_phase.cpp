@@ -16,14 +16,14 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
                            at::opmath_type<scalar_t>* d, int64_t T, int64_t h, double eps, bool stream,
                            int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nb = blocks.size(), R = tile_rows(h * sizeof(scalar_t), nb), ahead = prefetch_rows(h * sizeof(scalar_t));
+  const int64_t nb = blocks.size(), R = tile_rows(h * sizeof(scalar_t), nb);
   // p[((t - t0) * S + j) * nb + i]: the logit, then the unnormalised weight, of block i for sublayer j.
   std::vector<acc_t> p(R * S * nb), acc(o == nullptr ? 0 : h);
   for (int64_t t0 = begin; t0 < end; t0 += R) {
     const int64_t t1 = std::min(end, t0 + R);
     for (int64_t i = 0; i < nb; ++i)  // block by block: one sequential run of tile rows each
       for (int64_t t = t0; t < t1; ++t) {
-        prefetch_run(blocks, i, t, t0, t1, h, ahead);
+        prefetch_next_tile(blocks[i], t, R, end, h);
         const scalar_t* v = blocks[i] + t * h;
         acc_t ss, dot;
         row_stats(v, U, h, ss, dot);
@@ -87,13 +87,12 @@ static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_ty
                            int64_t h, double eps, bool stream, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<scalar_t> y(h);
-  const int64_t R = tile_rows(h * sizeof(scalar_t), 2), ahead = prefetch_rows(h * sizeof(scalar_t));
-  const std::vector<const scalar_t*> partials{vp};
+  const int64_t R = tile_rows(h * sizeof(scalar_t), 2);
   for (int64_t t0 = begin; t0 < end; t0 += R) {
     const int64_t t1 = std::min(end, t0 + R);
     if (vp != nullptr)  // the partial's logits first: one sequential run of its tile rows
       for (int64_t t = t0; t < t1; ++t) {
-        prefetch_run(partials, 0, t, t0, t1, h, ahead);
+        prefetch_next_tile(vp, t, R, end, h);
         acc_t ss, dot;
         row_stats(vp + t * h, u, h, ss, dot);
         rp[t] = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
@@ -158,16 +157,18 @@ static void block_grad_rows(const std::vector<const scalar_t*>& blocks, const st
                             int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nb = blocks.size(), S = grads.size(), R = tile_rows(h * sizeof(scalar_t), S + nb);
-  const int64_t ahead = prefetch_rows(h * sizeof(scalar_t));
   std::vector<acc_t> acc(h);
   std::vector<scalar_t> row(h);
   auto coef = [&](int64_t j, int64_t kind, int64_t i, int64_t t) { return coefs[((j * 3 + kind) * nb + i) * T + t]; };
+  int64_t first = 0;  // the first block whose gradient is written reads the gradient rows from memory
+  while (first < nb && gblocks[first] == nullptr) ++first;
   for (int64_t t0 = begin; t0 < end; t0 += R) {
     const int64_t t1 = std::min(end, t0 + R);
     for (int64_t i = 0; i < nb; ++i) {  // block by block: one sequential run of rows each
       if (gblocks[i] == nullptr) continue;
       for (int64_t t = t0; t < t1; ++t) {
-        prefetch_run(blocks, i, t, t0, t1, h, ahead);
+        prefetch_next_tile(blocks[i], t, R, end, h);
+        for (int64_t j = 0; j < S && i == first; ++j) prefetch_next_tile(grads[j], t, R, end, h);
         // grad b_i = sum_j (alpha_ji grad_j + coef_ji b_i + scaled_ji u_j): the S gradient rows of
         // the tile come from cache after the first block.
         const scalar_t* v = blocks[i] + t * h;
