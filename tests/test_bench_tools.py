@@ -76,3 +76,25 @@ def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):
         assert row["copy_bandwidth_gbs"] == pytest.approx(copied / (row["copy_ms"] * 1e-3) / 1e9)
         assert row["bound_ms"] == pytest.approx(row["bytes_moved"] / (row["copy_bandwidth_gbs"] * 1e9) * 1e3)
     assert result["meta"]["malloc"] == "retain"
+
+
+def test_bench_kernel_calls_times_every_mix_of_a_step(single_rank, tools_path, tmp_path):
+    from collections import Counter
+
+    bench = load_tool("bench_kernel_calls")
+    result = bench.main([*TINY, "--steps", "2", "--warmup", "1", "--output", str(tmp_path / "calls.json")])
+    assert json.loads((tmp_path / "calls.json").read_text()) == json.loads(json.dumps(result))
+    # 8 sublayers in blocks of S = 4 and the output layer: sublayer j mixes the embedding, the
+    # blocks sealed before it and (but at a block's first sublayer) the partial sum.
+    per_block, sublayers = 4, 8
+    sources = [1 + j // per_block + (j % per_block != 0) for j in range(sublayers)]
+    sources.append(1 + -(-sublayers // per_block))
+    expected = Counter(sources)
+    for kernel in ("fused_forward", "fused_backward", "fused_forward (repeated)"):
+        calls = {row["sources"]: row["calls_per_step"] for row in result["rows"] if row["kernel"] == kernel}
+        assert calls == expected, kernel
+    timed = [row for row in result["rows"] if row["kernel"] != "fused_forward (repeated)"]
+    assert result["kernels_ms_per_step"] == pytest.approx(sum(row["ms_per_step"] for row in timed))
+    for row in result["rows"]:
+        assert row["median_us"] > 0
+        assert ("outside_step_median_us" in row) == (row["kernel"] == "fused_forward")
