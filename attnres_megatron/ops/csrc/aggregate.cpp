@@ -40,15 +40,7 @@ static void forward_rows(const std::vector<const scalar_t*>& src, const at::opma
     for (int64_t t = t0; t < t1; ++t) {  // the mix, row by row, the tile's rows from cache
       acc_t* p = w.data() + (t - t0) * n;
       softmax_weights(p, p, n);
-      const scalar_t* v = src[0] + t * h;
-      #pragma omp simd
-      for (int64_t k = 0; k < h; ++k) acc[k] = p[0] * static_cast<acc_t>(v[k]);
-      for (int64_t i = 1; i < n; ++i) {
-        const scalar_t* vi = src[i] + t * h;
-        const acc_t pi = p[i];
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) acc[k] += pi * static_cast<acc_t>(vi[k]);
-      }
+      weighted_sum(src, p, t, h, acc.data());
       #pragma omp simd
       for (int64_t k = 0; k < h; ++k) row[k] = static_cast<scalar_t>(acc[k]);
       write_row(out + t * h, row.data(), h * sizeof(scalar_t), stream);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -71,6 +72,20 @@ inline acc_t row_dot(const a_t* a, const b_t* b, int64_t h) {
   #pragma omp simd reduction(+:d)
   for (int64_t k = 0; k < h; ++k) d += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
   return d;
+}
+
+// acc[0:h] = sum_i p[i] * rows[i][t * h : (t + 1) * h] (statistics in acc_t).
+template <typename scalar_t, typename acc_t>
+inline void weighted_sum(const std::vector<const scalar_t*>& rows, const acc_t* p, int64_t t, int64_t h, acc_t* acc) {
+  const scalar_t* v = rows[0] + t * h;
+  #pragma omp simd
+  for (int64_t k = 0; k < h; ++k) acc[k] = p[0] * static_cast<acc_t>(v[k]);
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const scalar_t* vi = rows[i] + t * h;
+    const acc_t pi = p[i];
+    #pragma omp simd
+    for (int64_t k = 0; k < h; ++k) acc[k] += pi * static_cast<acc_t>(vi[k]);
+  }
 }
 
 // p[0:n] = exp(l[0:n] - max l) (p may be l); returns max l, and their sum in den.

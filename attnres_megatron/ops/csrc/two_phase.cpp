@@ -43,15 +43,7 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
     for (int64_t j = 0; j < S; ++j)  // sublayer by sublayer: one sequential run of o_j rows each
       for (int64_t t = t0; t < t1; ++t) {
         const acc_t* pj = p.data() + ((t - t0) * S + j) * nb;
-        const scalar_t* v = blocks[0] + t * h;
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) acc[k] = pj[0] * static_cast<acc_t>(v[k]);
-        for (int64_t i = 1; i < nb; ++i) {
-          const scalar_t* vi = blocks[i] + t * h;
-          const acc_t pi = pj[i];
-          #pragma omp simd
-          for (int64_t k = 0; k < h; ++k) acc[k] += pi * static_cast<acc_t>(vi[k]);
-        }
+        weighted_sum(blocks, pj, t, h, acc.data());
         write_row(o + (j * T + t) * h, acc.data(), h * sizeof(acc_t), stream);
       }
   }
