@@ -5,8 +5,8 @@ C++ with ATen's ``parallel_for`` (OpenMP) in ``csrc/aggregate.cpp``, built on fi
 
 * tiles of rows (``csrc/rows.h``: 256 KiB of the rows read at once, e.g. 4 rows of 5 sources at
   hidden 2304 fp32), each pass reading the tile tensor by tensor, one sequential run of rows each
-  (row by row, ``n`` interleaved one-row runs reached 60-70 % of the bandwidth); the tile's next
-  run is prefetched;
+  (row by row, ``n`` interleaved one-row runs, which the hardware prefetchers follow poorly);
+  the next tile is prefetched while one is worked on;
 * forward, per tile: each source row is read from memory once (sum of squares and ``u . v`` in
   one pass), then the softmax mix re-reads the tile's rows from cache;
 * backward, per tile: ``grad . v_i`` for every source, then the source gradients and the

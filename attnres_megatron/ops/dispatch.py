@@ -47,7 +47,7 @@ TWO_PHASE_MIN_BYTES = 4 << 20
 the C++ kernels' streaming-store threshold (``csrc/rows.h``), below which tensors stay in cache.
 Measured (``docs/benchmarks.md``, "Default aggregation"): per step, one pass and two-phase are
 within the machine's noise of each other at 0.5 and 1 MiB (hidden 256 and 512, 512 tokens; the
-runs disagree on the sign), while per sublayer two-phase is 8-15 % faster at 18 MiB (hidden 2304,
+runs disagree on the sign), while per sublayer two-phase is 2-12 % faster at 18 MiB (hidden 2304,
 2048 tokens), where its smaller traffic counts."""
 
 IMPL_TABLE = {
