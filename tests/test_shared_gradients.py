@@ -11,9 +11,10 @@ from test_recompute import BLOCK, RECOMPUTE_MODES, assert_same, loss_and_grads
 
 from attnres_megatron.layers import mixers
 from attnres_megatron.ops import cpu_fused
-from attnres_megatron.ops.cpu_fused import SharedGradient, aggregate_cpu_fused
+from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
 from attnres_megatron.ops.dispatch import choose, sums_gradients_in_place
 from attnres_megatron.ops.reference import aggregate_reference
+from attnres_megatron.ops.shared_gradients import SharedGradient
 
 
 def readers_of_two_blocks(aggregate, blocks, partials, queries, gains, upstream):

@@ -18,8 +18,9 @@ from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, MixerFactory
-from attnres_megatron.ops.cpu_fused import SharedGradient, aggregate_cpu_fused
+from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
 from attnres_megatron.ops.dispatch import algorithm_for, sums_gradients_in_place
+from attnres_megatron.ops.shared_gradients import SharedGradient
 from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
 
 
@@ -63,7 +64,7 @@ def two_phase_factory(modules: Mapping[int, DepthAttention], sublayers_per_block
 
 class SharedGradientMixer:
     """One-pass mixing of the sublayers after ``len(blocks)`` completed blocks, each block's
-    gradient shared by all its readers (:class:`attnres_megatron.ops.cpu_fused.SharedGradient`)."""
+    gradient shared by all its readers (:class:`attnres_megatron.ops.shared_gradients.SharedGradient`)."""
 
     def __init__(self, blocks: tuple[Tensor, ...], shared: tuple, modules: Mapping[int, DepthAttention]):
         self.blocks, self.shared, self.modules = blocks, shared, modules

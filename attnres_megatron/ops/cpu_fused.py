@@ -30,6 +30,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
+from attnres_megatron.ops.shared_gradients import (
+    SharedGradient,
+    buffers,
+    hand_over,
+    shared_inputs,
+    targets,
+    token_gradients,
+)
 
 GRAD_CHUNKS = 64
 """Token chunks of the deterministic query-gradient reduction."""
@@ -54,48 +62,6 @@ def fused_forward(
     return cpu_extension().fused_forward([kernel_rows(s, dtype) for s in sources], query, gain, float(eps))
 
 
-class GradientBuffer:
-    """Where the readers of one tensor sum its gradient (held by the collecting node)."""
-
-    def __init__(self) -> None:
-        self.buffer: Optional[Tensor] = None
-
-    def take(self) -> Optional[Tensor]:
-        """The summed gradient (None when no reader contributed); empties the buffer."""
-        buffer, self.buffer = self.buffer, None
-        return buffer
-
-
-class SharedGradient:
-    """The gradient of one tensor that several aggregations read (a completed block), summed in
-    place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
-
-    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
-    backward only after every reader's backward of that pass, and it hands the sum on as the
-    tensor's gradient (other gradients of the tensor are still added by autograd). The node
-    holds only the :class:`GradientBuffer`, not this object or its token, so no reference cycle
-    keeps the graph alive after the step.
-    """
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.gradient = GradientBuffer()
-        self.token = _CollectGradient.apply(self.gradient, tensor)
-
-
-class _CollectGradient(torch.autograd.Function):
-    """Forward: a scalar token; backward: the shared gradient, once every reader added its part."""
-
-    @staticmethod
-    def forward(ctx, gradient: GradientBuffer, tensor: Tensor) -> Tensor:
-        ctx.gradient = gradient
-        return torch.zeros((), dtype=tensor.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, _token_grad: Tensor):
-        return None, ctx.gradient.take()
-
-
 class CpuFusedAttnResAggregate(torch.autograd.Function):
     """AttnRes aggregation with the fused C++ kernels (CPU tensors); a source with a
     :class:`SharedGradient` gets its gradient added to the shared buffer, not returned."""
@@ -104,7 +70,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *inputs: Tensor) -> Tensor:
         sources = inputs[: len(shared)]
         out, logits, inv_rms = fused_forward(sources, query, gain, eps)
-        ctx.shared = tuple(None if sh is None else sh.gradient for sh in shared)
+        ctx.shared = buffers(shared)
         ctx.num_tokens = len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
@@ -113,10 +79,8 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
-        shared: tuple[Optional[GradientBuffer], ...] = ctx.shared
         dtype = sources[0].dtype
-        needs = [bool(ctx.needs_input_grad[4 + i]) for i in range(len(shared))]
-        into = [NO_TENSOR if sh is None or sh.buffer is None else sh.buffer for sh in shared]
+        needs = [bool(ctx.needs_input_grad[4 + i]) for i in range(len(ctx.shared))]
         *grads, grad_query, grad_gain = cpu_extension().fused_backward(
             [kernel_rows(s, dtype) for s in sources],
             kernel_rows(grad_out, dtype),
@@ -127,15 +91,12 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
             needs,
             NO_TENSOR,
             GRAD_CHUNKS,
-            into,
+            [NO_TENSOR if t is None else t for t in targets(ctx.shared)],
         )
-        grad_sources = []
-        for g, s, need, sh in zip(grads, sources, needs, shared):
-            if sh is not None:
-                sh.buffer = g
-            grad_sources.append(like(g, s) if need and sh is None else None)
-        token_grads = [torch.zeros((), dtype=dtype)] * ctx.num_tokens
-        return (grad_query, grad_gain, None, None, *grad_sources, *token_grads)
+        handed = hand_over(grads, needs, ctx.shared)
+        grad_sources = [None if g is None else like(g, s) for g, s in zip(handed, sources)]
+        tokens = token_gradients(ctx.num_tokens, sources[0])
+        return (grad_query, grad_gain, None, None, *grad_sources, *tokens)
 
 
 def like(grad: Tensor, source: Tensor) -> Tensor:
@@ -157,8 +118,5 @@ def aggregate_cpu_fused(
         raise ValueError("AttnRes aggregation needs at least one source.")
     if not torch.is_grad_enabled():
         return fused_forward(sources, query, gain, eps)[0]
-    shared = tuple(shared) if shared is not None else (None,) * len(sources)
-    if len(shared) != len(sources):
-        raise ValueError(f"shared gradients: {len(shared)} entries for {len(sources)} sources.")
-    tokens = [sh.token for sh in shared if sh is not None]
+    shared, tokens = shared_inputs(sources, shared)
     return CpuFusedAttnResAggregate.apply(query, gain, eps, shared, *sources, *tokens)

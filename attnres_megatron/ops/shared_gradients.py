@@ -1,0 +1,94 @@
+"""Gradients of completed blocks summed in place by the backward kernels of all their readers.
+
+A completed block is read by every later sublayer; instead of one fresh gradient per reader that
+autograd then adds (a write, then two reads and a write per reader), each reader's backward kernel
+adds its part into one buffer per block (one read-modify-write), the first to run writing it. The
+C++ kernels (CPU) and the Triton kernels (GPU) both take such buffers; which runs is decided in
+:mod:`attnres_megatron.ops.dispatch` (:func:`~attnres_megatron.ops.dispatch.sums_gradients_in_place`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+class GradientBuffer:
+    """Where the readers of one tensor sum its gradient (held by the collecting node)."""
+
+    def __init__(self) -> None:
+        self.buffer: Optional[Tensor] = None
+
+    def take(self) -> Optional[Tensor]:
+        """The summed gradient (None when no reader contributed); empties the buffer."""
+        buffer, self.buffer = self.buffer, None
+        return buffer
+
+
+class SharedGradient:
+    """The gradient of one tensor that several aggregations read (a completed block), summed in
+    place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
+
+    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
+    backward only after every reader's backward of that pass, and it hands the sum on as the
+    tensor's gradient (other gradients of the tensor are still added by autograd). The node
+    holds only the :class:`GradientBuffer`, not this object or its token, so no reference cycle
+    keeps the graph alive after the step.
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.gradient = GradientBuffer()
+        self.token = _CollectGradient.apply(self.gradient, tensor)
+
+
+class _CollectGradient(torch.autograd.Function):
+    """Forward: a scalar token; backward: the shared gradient, once every reader added its part."""
+
+    @staticmethod
+    def forward(ctx, gradient: GradientBuffer, tensor: Tensor) -> Tensor:
+        ctx.gradient = gradient
+        return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _token_grad: Tensor):
+        return None, ctx.gradient.take()
+
+
+def shared_inputs(
+    sources: Sequence[Tensor], shared: Optional[Sequence[Optional[SharedGradient]]]
+) -> tuple[tuple[Optional[SharedGradient], ...], list[Tensor]]:
+    """``shared`` as one entry per source, and the tokens a reader takes as extra inputs."""
+    shared = tuple(shared) if shared is not None else (None,) * len(sources)
+    if len(shared) != len(sources):
+        raise ValueError(f"shared gradients: {len(shared)} entries for {len(sources)} sources.")
+    return shared, [sh.token for sh in shared if sh is not None]
+
+
+def buffers(shared: Sequence[Optional[SharedGradient]]) -> tuple[Optional[GradientBuffer], ...]:
+    """What a reader keeps for backward: the buffers only (not the tokens: no reference cycle)."""
+    return tuple(None if sh is None else sh.gradient for sh in shared)
+
+
+def targets(kept: Sequence[Optional[GradientBuffer]]) -> list[Optional[Tensor]]:
+    """Per source: the tensor its gradient is added into, or None (a fresh gradient is written)."""
+    return [None if buffer is None else buffer.buffer for buffer in kept]
+
+
+def hand_over(
+    grads: Sequence[Optional[Tensor]], needs: Sequence[bool], kept: Sequence[Optional[GradientBuffer]]
+) -> list[Optional[Tensor]]:
+    """Keep the shared sources' gradients in their buffers; the others' for autograd (where needed)."""
+    for grad, buffer in zip(grads, kept):
+        if buffer is not None:
+            buffer.buffer = grad
+    return [grad if need and buffer is None else None for grad, need, buffer in zip(grads, needs, kept)]
+
+
+def token_gradients(count: int, like: Tensor) -> list[Tensor]:
+    """The (zero) gradients of a reader's ``count`` tokens."""
+    return [torch.zeros((), dtype=like.dtype, device=like.device)] * count
