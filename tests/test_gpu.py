@@ -1,11 +1,12 @@
 """GPU-only tests (marker ``gpu``, tests/conftest.py MARKS): skipped without CUDA.
 
-The Triton kernels and the two-phase path on CUDA tensors against the fp64 reference, bitwise
-determinism of the Triton backward, FLA's ``chunk_kda`` against the fp64 recurrence. The
-comparisons are the GPU check kit's (``tools/gpu_check_cases.py``), at smaller shapes. Run on a
-GPU machine with ``TRITON_INTERPRET=0 python -m pytest -m gpu`` (tests/conftest.py defaults
-``TRITON_INTERPRET`` to 1, which would run Triton's CPU interpreter instead of the compiled
-kernels); ``scripts/gpu_check.sh`` does.
+The Triton kernels (also summing shared block gradients) and the two-phase path on CUDA tensors
+against the fp64 reference, bitwise determinism of the Triton backward, FLA's ``chunk_kda``
+against the fp64 recurrence. The comparisons are the GPU check kit's
+(``tools/gpu_check_cases.py``), at smaller shapes. Run on a GPU machine with
+``TRITON_INTERPRET=0 python -m pytest -m gpu`` (tests/conftest.py defaults ``TRITON_INTERPRET``
+to 1, which would run Triton's CPU interpreter instead of the compiled kernels);
+``scripts/gpu_check.sh`` does.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def test_triton_kernels_odd_and_wide_hidden(cases, hidden):
 def test_triton_backward_is_bitwise_deterministic(cases):
     case = cases.fused_case(9, (2048, 1, 2304), "bf16", "cuda", seed=3)
     assert case["deterministic"]
+
+
+@compiled_triton
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"]
+)
+def test_triton_kernels_sum_shared_block_gradients(dtype, tol):
+    """``auto``'s shared block gradients on CUDA: the Triton backward kernels add into one buffer
+    per block (tests/test_shared_gradients.py runs the same check on CPU and in the interpreter)."""
+    from test_shared_gradients import assert_shared_sums_match
+
+    from attnres_megatron.ops.triton_aggregate import aggregate_fused
+
+    assert_shared_sums_match(aggregate_fused, dtype, tol, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -3,9 +3,9 @@ independent call each (:func:`with_mixers` picks, from :mod:`attnres_megatron.op
 
 * two-phase (``--attn-res-impl two-phase``, or ``auto`` where it wins): phase 1 once per block,
   then a merge per sublayer;
-* shared block gradients (``auto`` on CPU with the C++ kernels, in training): one pass per
-  sublayer, each completed block's gradient summed in place by the backward kernels of all
-  the sublayers that read it."""
+* shared block gradients (``auto`` with the C++ kernels on CPU or the Triton kernels on GPU, in
+  training): one pass per sublayer, each completed block's gradient summed in place by the
+  backward kernels of all the sublayers that read it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from torch import Tensor
 
 from attnres_megatron.layers.depth_attention import DepthAttention
 from attnres_megatron.layers.depth_state import DepthState, MixerFactory
-from attnres_megatron.ops.cpu_fused import aggregate_cpu_fused
-from attnres_megatron.ops.dispatch import algorithm_for, sums_gradients_in_place
+from attnres_megatron.ops.dispatch import (
+    algorithm_for,
+    one_pass_function,
+    shared_gradient_function,
+    sums_gradients_in_place,
+)
 from attnres_megatron.ops.shared_gradients import SharedGradient
 from attnres_megatron.ops.two_phase import TwoPhaseBlockAggregator
 
@@ -77,7 +81,10 @@ class SharedGradientMixer:
         sources, shared = self.blocks, self.shared
         if partial is not None:
             sources, shared = (*sources, partial), (*shared, None)
-        return aggregate_cpu_fused(sources, module.pseudo_query, module.key_gain, module.eps, shared)
+        aggregate = shared_gradient_function(sources[0].device.type, len(sources))
+        if aggregate is None:  # more sources than the kernels take: a plain call, autograd adds its part
+            return one_pass_function("auto")(sources, module.pseudo_query, module.key_gain, module.eps)
+        return aggregate(sources, module.pseudo_query, module.key_gain, module.eps, shared)
 
 
 class SharedGradients:

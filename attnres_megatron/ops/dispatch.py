@@ -15,9 +15,10 @@ Two separate choices:
 ``--attn-res-impl`` picks them (:data:`IMPL_TABLE`); ``auto``, the default, follows what
 ``docs/benchmarks.md`` measured ("Default aggregation"): on CPU the C++ kernels (the eager op if the
 C++ toolchain cannot build them), two-phase for Block AttnRes on large tensors
-(:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise, in training with the completed blocks'
-gradients summed in place (:func:`sums_gradients_in_place`); on GPU one pass with the Triton
-kernels (the eager op without Triton, for fp64 or beyond the kernels' source count).
+(:data:`TWO_PHASE_MIN_BYTES`) and one pass otherwise; on GPU one pass with the Triton kernels
+(the eager op without Triton, for fp64 or beyond the kernels' source count); one pass in
+training with the completed blocks' gradients summed in place by either kernels
+(:func:`sums_gradients_in_place`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import importlib.util
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -100,14 +102,27 @@ def algorithm_for(
 
 
 def sums_gradients_in_place(impl: str, algorithm: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Whether one-pass training sums each completed block's gradient in place, in the C++ backward
-    kernels of the sublayers that read it (``auto`` on CPU with the kernels built), instead of
-    each kernel writing a fresh gradient that autograd then adds: one read-modify-write of the
-    block's gradient per reader instead of a write and an addition (``docs/benchmarks.md``).
-    ``fused`` keeps the plain per-call kernels, for comparison."""
+    """Whether one-pass training sums each completed block's gradient in place, in the backward
+    kernels of the sublayers that read it (``auto`` with the C++ kernels on CPU or the Triton
+    kernels on GPU), instead of each kernel writing a fresh gradient that autograd then adds: one
+    read-modify-write of the block's gradient per reader instead of a write and an addition
+    (``docs/benchmarks.md``). ``fused`` keeps the plain per-call kernels, for comparison."""
     if impl != "auto" or algorithm != "one-pass" or not torch.is_grad_enabled():
         return False
-    return backend_for(impl, device_type, dtype) == "cpp"
+    return backend_for(impl, device_type, dtype) in SHARED_GRADIENT_BACKENDS
+
+
+SHARED_GRADIENT_BACKENDS = ("cpp", "triton")
+"""Backends whose kernels add into shared block gradients (:mod:`attnres_megatron.ops.shared_gradients`)."""
+
+
+def shared_gradient_function(device_type: str, num_sources: int) -> Optional[Callable]:
+    """The aggregation ``fn(sources, query, gain, eps, shared)`` whose kernels add into shared
+    block gradients, for ``num_sources`` tensors on ``device_type``; None where the kernels do
+    not take that many sources (the Triton kernels' :data:`MAX_TRITON_SOURCES`)."""
+    if device_type == "cpu":
+        return backend_function("cpp")
+    return backend_function("triton") if num_sources <= MAX_TRITON_SOURCES else None
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,7 +27,8 @@ Reads per call (``n`` sources, ``T`` tokens, hidden ``h``)
       weighted-sum pass over hidden tiles).
     * backward: each source read **twice** (pass A: ``grad . v_i`` for the softmax backward;
       pass B: source gradient), ``grad`` read once (single tile) or ``n + 1`` times (tiled);
-      each source gradient written once.
+      each source gradient written once (or added, one read-modify-write, into a shared block
+      gradient that an earlier reader wrote: :mod:`attnres_megatron.ops.shared_gradients`).
 
 Saved for backward
     The sources (references, no copies) plus per-token fp32 stats: logits ``[n, T]``, inverse
@@ -46,12 +47,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnres_megatron.ops import shared_gradients
 from attnres_megatron.ops.dispatch import MAX_TRITON_SOURCES
 
 MAX_SOURCES = MAX_TRITON_SOURCES
@@ -66,10 +68,11 @@ TRITON_MISSING_MESSAGE = (
     "(CPU tests use TRITON_INTERPRET=1)"
 )
 
-# Set by ``_kernels()``: the jitted kernels resolve ``tl`` and the helper through module globals
+# Set by ``_kernels()``: the jitted kernels resolve ``tl`` and the helpers through module globals
 # (the Triton interpreter re-executes kernel source against the module's global namespace).
 tl: Any = None
 _load_tile: Any = None
+_store_gradient: Any = None
 
 
 def require_triton() -> Any:
@@ -86,7 +89,7 @@ def require_triton() -> Any:
 def _kernels() -> dict[str, Any]:
     """Build (once) and return the jitted forward / backward kernels."""
     triton = require_triton()
-    global tl, _load_tile
+    global tl, _load_tile, _store_gradient
     tl = triton.language
 
     @triton.jit
@@ -183,10 +186,20 @@ def _kernels() -> dict[str, Any]:
         tl.store(lse_ptr + rows, m + tl.log(d), mask=row_mask)
 
     @triton.jit
+    def _store_gradient(gtable_ptr, adds_ptr, i, rows, cols, mask2, hidden, dv, ELT: tl.constexpr):
+        """Write source ``i``'s gradient tile, or add it to what the tensor holds (``adds[i]``:
+        a shared block gradient that an earlier reader's kernel wrote)."""
+        ptrs = tl.load(gtable_ptr + i).to(tl.pointer_type(ELT)) + rows[:, None] * hidden + cols[None, :]
+        if tl.load(adds_ptr + i) != 0:
+            dv += tl.load(ptrs, mask=mask2, other=0.0).to(tl.float32)
+        tl.store(ptrs, dv.to(ELT), mask=mask2)
+
+    @triton.jit
     def _backward_kernel(
         table_ptr,
         stride_ptr,
         gtable_ptr,
+        adds_ptr,
         u_ptr,
         grad_ptr,
         logit_ptr,
@@ -237,8 +250,7 @@ def _kernels() -> dict[str, Any]:
                     dlr = dl * r
                     coef = dl * logit * r * r * inv_h
                     dv = alpha[:, None] * g + dlr[:, None] * u[None, :] - coef[:, None] * v
-                    gbase = tl.load(gtable_ptr + i).to(tl.pointer_type(ELT))
-                    tl.store(gbase + rows[:, None] * hidden + cols[None, :], dv.to(ELT), mask=mask2)
+                    _store_gradient(gtable_ptr, adds_ptr, i, rows, cols, mask2, hidden, dv, ELT)
                     du += tl.sum(dlr[:, None] * v, axis=0)
             tl.store(du_ptr + pid * hidden + cols, du, mask=col_mask)
         else:
@@ -291,8 +303,7 @@ def _kernels() -> dict[str, Any]:
                             table_ptr, stride_ptr, i, rows, cols, row_mask, col_mask, batch_inner, ELT
                         )
                         dv = alpha[:, None] * g + dlr[:, None] * u[None, :] - coef[:, None] * v
-                        gbase = tl.load(gtable_ptr + i).to(tl.pointer_type(ELT))
-                        tl.store(gbase + rows[:, None] * hidden + cols[None, :], dv.to(ELT), mask=mask2)
+                        _store_gradient(gtable_ptr, adds_ptr, i, rows, cols, mask2, hidden, dv, ELT)
                         du += tl.sum(dlr[:, None] * v, axis=0)
                     tl.store(du_ptr + pid * hidden + cols, du, mask=col_mask)
 
@@ -359,9 +370,10 @@ class FusedAttnResAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, *sources: Tensor
+        ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, shared: tuple, *inputs: Tensor
     ) -> Tensor:
         kernels = _kernels()
+        sources = inputs[: len(shared)]
         dtype = sources[0].dtype
         if dtype == torch.float64:
             raise TypeError("aggregate_fused supports fp32/bf16/fp16 sources; use aggregate() for fp64.")
@@ -401,6 +413,8 @@ class FusedAttnResAggregate(torch.autograd.Function):
                 num_warps=num_warps,
             )
         ctx.block_h = block_h
+        ctx.shared = shared_gradients.buffers(shared)
+        ctx.num_tokens = len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, rinv, lse, *views)
         return out
 
@@ -416,8 +430,10 @@ class FusedAttnResAggregate(torch.autograd.Function):
         shape = grad_out.shape
         grad = grad_out.to(dtype).contiguous()
         _, inner, table, stride_table = _pointer_tables(views)
-        grads = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n)]
+        into = shared_gradients.targets(ctx.shared)
+        grads = [torch.empty(shape, dtype=dtype, device=device) if t is None else t for t in into]
         gtable = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, device=device)
+        adds = torch.tensor([t is not None for t in into], dtype=torch.int32, device=device)
         u = (query.detach().float() * gain.detach().float()).contiguous()
         block_t, block_hh, single, num_warps = _launch_config(hidden, ctx.block_h)
         n_blocks = triton_cdiv(n_tokens, block_t)
@@ -431,6 +447,7 @@ class FusedAttnResAggregate(torch.autograd.Function):
                 table,
                 stride_table,
                 gtable,
+                adds,
                 u,
                 grad,
                 logits,
@@ -451,8 +468,10 @@ class FusedAttnResAggregate(torch.autograd.Function):
         du = du_partial.sum(dim=0)  # fixed-order reduction: deterministic
         grad_query = (du * gain.float()).to(query.dtype)
         grad_gain = (du * query.float()).to(gain.dtype)
-        grad_sources = [g if ctx.needs_input_grad[4 + i] else None for i, g in enumerate(grads)]
-        return (grad_query, grad_gain, None, None, *grad_sources)
+        needs = [bool(ctx.needs_input_grad[5 + i]) for i in range(n)]
+        grad_sources = shared_gradients.hand_over(grads, needs, ctx.shared)
+        tokens = shared_gradients.token_gradients(ctx.num_tokens, views[0])
+        return (grad_query, grad_gain, None, None, None, *grad_sources, *tokens)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -461,12 +480,22 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def aggregate_fused(
-    sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float, *, block_h: int | None = None
+    sources: Sequence[Tensor],
+    query: Tensor,
+    gain: Tensor,
+    eps: float,
+    shared: Optional[Sequence[Optional[shared_gradients.SharedGradient]]] = None,
+    *,
+    block_h: int | None = None,
 ) -> Tensor:
     """Fused AttnRes aggregation of 1..128 ``sources`` (each ``[..., h]``, fp32/bf16/fp16).
 
     GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter, a test
     mode). Which kernels a model runs is decided in :mod:`attnres_megatron.ops.dispatch`.
+
+    ``shared``: per source, its :class:`~attnres_megatron.ops.shared_gradients.SharedGradient` or
+    None (the source's gradient is then added to the shared buffer by the backward kernel, not
+    returned).
 
     ``block_h`` overrides the hidden tile width (testing the two-pass path); by default the
     whole hidden row is one tile when ``next_pow2(h) <= MAX_SINGLE_TILE``.
@@ -476,4 +505,5 @@ def aggregate_fused(
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
     require_triton()
-    return FusedAttnResAggregate.apply(query, gain, eps, block_h, *sources)
+    shared, tokens = shared_gradients.shared_inputs(sources, shared)
+    return FusedAttnResAggregate.apply(query, gain, eps, block_h, shared, *sources, *tokens)
