@@ -72,9 +72,9 @@ def exact(sources, query, gain, grad):
 
 
 def triton_fused(sources, query, gain, eps):
-    from attnres_megatron.ops.triton_aggregate import FusedAttnResAggregate
+    from attnres_megatron.ops.triton_aggregate import aggregate_fused
 
-    return FusedAttnResAggregate.apply(query, gain, eps, None, *sources)
+    return aggregate_fused(sources, query, gain, eps)
 
 
 def two_phase_cpp(sources, query, gain, eps):
