@@ -101,6 +101,10 @@ def algorithm_for(
     return "one-pass"
 
 
+SHARED_GRADIENT_BACKENDS = ("cpp", "triton")
+"""Backends whose kernels add into shared block gradients (:mod:`attnres_megatron.ops.shared_gradients`)."""
+
+
 def sums_gradients_in_place(impl: str, algorithm: str, device_type: str, dtype: torch.dtype) -> bool:
     """Whether one-pass training sums each completed block's gradient in place, in the backward
     kernels of the sublayers that read it (``auto`` with the C++ kernels on CPU or the Triton
@@ -110,10 +114,6 @@ def sums_gradients_in_place(impl: str, algorithm: str, device_type: str, dtype: 
     if impl != "auto" or algorithm != "one-pass" or not torch.is_grad_enabled():
         return False
     return backend_for(impl, device_type, dtype) in SHARED_GRADIENT_BACKENDS
-
-
-SHARED_GRADIENT_BACKENDS = ("cpp", "triton")
-"""Backends whose kernels add into shared block gradients (:mod:`attnres_megatron.ops.shared_gradients`)."""
 
 
 def shared_gradient_function(device_type: str, num_sources: int) -> Optional[Callable]:
