@@ -32,11 +32,10 @@ from torch.autograd.function import once_differentiable
 from attnres_megatron.ops.cpu_extension import cpu_extension
 from attnres_megatron.ops.shared_gradients import (
     SharedGradient,
-    buffers,
-    hand_over,
+    keep_for_backward,
+    reader_gradients,
     shared_inputs,
     targets,
-    token_gradients,
 )
 
 GRAD_CHUNKS = 64
@@ -68,10 +67,8 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *inputs: Tensor) -> Tensor:
-        sources = inputs[: len(shared)]
+        sources = keep_for_backward(ctx, shared, inputs)
         out, logits, inv_rms = fused_forward(sources, query, gain, eps)
-        ctx.shared = buffers(shared)
-        ctx.num_tokens = len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
 
@@ -93,15 +90,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
             GRAD_CHUNKS,
             [NO_TENSOR if t is None else t for t in targets(ctx.shared)],
         )
-        handed = hand_over(grads, needs, ctx.shared)
-        grad_sources = [None if g is None else like(g, s) for g, s in zip(handed, sources)]
-        tokens = token_gradients(ctx.num_tokens, sources[0])
-        return (grad_query, grad_gain, None, None, *grad_sources, *tokens)
-
-
-def like(grad: Tensor, source: Tensor) -> Tensor:
-    """A kernel's gradient of ``source`` (its shape already) in the source's dtype."""
-    return grad if grad.dtype == source.dtype else grad.to(source.dtype)
+        return (grad_query, grad_gain, None, None, *reader_gradients(ctx, grads, needs, sources))
 
 
 def aggregate_cpu_fused(

@@ -42,8 +42,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnres_megatron.ops.cpu_extension import cpu_extension
-from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, kernel_rows, like
+from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR, kernel_rows
 from attnres_megatron.ops.reference import compute_dtype
+from attnres_megatron.ops.shared_gradients import like
 
 
 class DeferredBlockGradients:

@@ -69,9 +69,12 @@ def shared_inputs(
     return shared, [sh.token for sh in shared if sh is not None]
 
 
-def buffers(shared: Sequence[Optional[SharedGradient]]) -> tuple[Optional[GradientBuffer], ...]:
-    """What a reader keeps for backward: the buffers only (not the tokens: no reference cycle)."""
-    return tuple(None if sh is None else sh.gradient for sh in shared)
+def keep_for_backward(ctx, shared: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Record on a reader's ``ctx`` its buffers (not the tokens: no reference cycle) and its token
+    count; returns its sources, the first ``len(shared)`` of ``inputs`` (the tokens follow)."""
+    ctx.shared = tuple(None if sh is None else sh.gradient for sh in shared)
+    ctx.num_tokens = len(inputs) - len(shared)
+    return inputs[: len(shared)]
 
 
 def targets(kept: Sequence[Optional[GradientBuffer]]) -> list[Optional[Tensor]]:
@@ -79,16 +82,21 @@ def targets(kept: Sequence[Optional[GradientBuffer]]) -> list[Optional[Tensor]]:
     return [None if buffer is None else buffer.buffer for buffer in kept]
 
 
-def hand_over(
-    grads: Sequence[Optional[Tensor]], needs: Sequence[bool], kept: Sequence[Optional[GradientBuffer]]
+def reader_gradients(
+    ctx, grads: Sequence[Optional[Tensor]], needs: Sequence[bool], sources: Sequence[Tensor]
 ) -> list[Optional[Tensor]]:
-    """Keep the shared sources' gradients in their buffers; the others' for autograd (where needed)."""
-    for grad, buffer in zip(grads, kept):
+    """What a reader's backward returns for its sources and tokens: the shared sources' gradients
+    stay in their buffers (None for autograd), the others' where needed in their sources' dtypes,
+    zeros for the tokens."""
+    returned = []
+    for grad, need, buffer, source in zip(grads, needs, ctx.shared, sources):
         if buffer is not None:
             buffer.buffer = grad
-    return [grad if need and buffer is None else None for grad, need, buffer in zip(grads, needs, kept)]
+        returned.append(like(grad, source) if need and buffer is None else None)
+    zero = torch.zeros((), dtype=sources[0].dtype, device=sources[0].device)
+    return returned + [zero] * ctx.num_tokens
 
 
-def token_gradients(count: int, like: Tensor) -> list[Tensor]:
-    """The (zero) gradients of a reader's ``count`` tokens."""
-    return [torch.zeros((), dtype=like.dtype, device=like.device)] * count
+def like(grad: Tensor, source: Tensor) -> Tensor:
+    """A kernel's gradient of ``source`` (its shape already) in the source's dtype."""
+    return grad if grad.dtype == source.dtype else grad.to(source.dtype)

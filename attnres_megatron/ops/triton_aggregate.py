@@ -373,7 +373,7 @@ class FusedAttnResAggregate(torch.autograd.Function):
         ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, shared: tuple, *inputs: Tensor
     ) -> Tensor:
         kernels = _kernels()
-        sources = inputs[: len(shared)]
+        sources = shared_gradients.keep_for_backward(ctx, shared, inputs)
         dtype = sources[0].dtype
         if dtype == torch.float64:
             raise TypeError("aggregate_fused supports fp32/bf16/fp16 sources; use aggregate() for fp64.")
@@ -413,8 +413,6 @@ class FusedAttnResAggregate(torch.autograd.Function):
                 num_warps=num_warps,
             )
         ctx.block_h = block_h
-        ctx.shared = shared_gradients.buffers(shared)
-        ctx.num_tokens = len(inputs) - len(shared)
         ctx.save_for_backward(query, gain, logits, rinv, lse, *views)
         return out
 
@@ -469,9 +467,14 @@ class FusedAttnResAggregate(torch.autograd.Function):
         grad_query = (du * gain.float()).to(query.dtype)
         grad_gain = (du * query.float()).to(gain.dtype)
         needs = [bool(ctx.needs_input_grad[5 + i]) for i in range(n)]
-        grad_sources = shared_gradients.hand_over(grads, needs, ctx.shared)
-        tokens = shared_gradients.token_gradients(ctx.num_tokens, views[0])
-        return (grad_query, grad_gain, None, None, None, *grad_sources, *tokens)
+        return (
+            grad_query,
+            grad_gain,
+            None,
+            None,
+            None,
+            *shared_gradients.reader_gradients(ctx, grads, needs, views),
+        )
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -18,11 +18,7 @@ static void tile_logits(const std::vector<const scalar_t*>& src, const acc_t* u,
   for (int64_t i = 0; i < n; ++i)
     for (int64_t t = t0; t < t1; ++t) {
       prefetch_next_tile(src[i], t, R, end, h);
-      acc_t ss, dot;
-      row_stats(src[i] + t * h, u, h, ss, dot);
-      const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
-      logits[i * T + t] = w[(t - t0) * n + i] = dot * r;
-      rinv[i * T + t] = r;
+      logits[i * T + t] = w[(t - t0) * n + i] = row_logit(src[i] + t * h, u, h, eps, rinv[i * T + t]);
     }
 }
 
@@ -79,6 +75,26 @@ std::vector<torch::Tensor> fused_forward(std::vector<torch::Tensor> sources, tor
   return {out, logits, rinv};
 }
 
+// One row of a source gradient, value = a * grad + coef * v + scaled * u, and du += scaled * v.
+// kAdd: gv += value in place (the row was just read: an ordinary store); else gv = value, written
+// through `row` (streaming stores for large tensors).
+template <bool kAdd, typename scalar_t, typename acc_t>
+static inline void gradient_row(const scalar_t* v, const scalar_t* g, const acc_t* u, acc_t a, acc_t coef,
+                                acc_t scaled, scalar_t* gv, scalar_t* row, acc_t* du, int64_t h, bool stream) {
+  #pragma omp simd
+  for (int64_t k = 0; k < h; ++k) {
+    const acc_t x = static_cast<acc_t>(v[k]);
+    du[k] += scaled * x;
+    const acc_t value = a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k];
+    if constexpr (kAdd) {
+      gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + value);
+    } else {
+      row[k] = static_cast<scalar_t>(value);
+    }
+  }
+  if constexpr (!kAdd) write_row(gv, row, h * sizeof(scalar_t), stream);
+}
+
 template <typename scalar_t>
 static void backward_rows(const std::vector<const scalar_t*>& src, const std::vector<scalar_t*>& gsrc,
                           const std::vector<char>& accumulate, at::opmath_type<scalar_t>* deferred,
@@ -129,26 +145,12 @@ static void backward_rows(const std::vector<const scalar_t*>& src, const std::ve
         if (gv == nullptr) {
           #pragma omp simd
           for (int64_t k = 0; k < h; ++k) du_acc[k] += scaled * static_cast<acc_t>(v[k]);
-          continue;
+        } else if (accumulate[i]) {  // gv += this call's part of the source gradient (one read-modify-write)
+          prefetch_next_tile(gv, t, R, end, h);
+          gradient_row<true>(v, g, u, a, coef, scaled, gv + t * h, row.data(), du_acc, h, stream);
+        } else {
+          gradient_row<false>(v, g, u, a, coef, scaled, gv + t * h, row.data(), du_acc, h, stream);
         }
-        if (accumulate[i]) prefetch_next_tile(gv, t, R, end, h);
-        gv += t * h;
-        if (accumulate[i]) {  // gv += this call's part of the source gradient (one read-modify-write)
-          #pragma omp simd
-          for (int64_t k = 0; k < h; ++k) {
-            const acc_t x = static_cast<acc_t>(v[k]);
-            du_acc[k] += scaled * x;
-            gv[k] = static_cast<scalar_t>(static_cast<acc_t>(gv[k]) + (a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]));
-          }
-          continue;
-        }
-        #pragma omp simd
-        for (int64_t k = 0; k < h; ++k) {
-          const acc_t x = static_cast<acc_t>(v[k]);
-          du_acc[k] += scaled * x;
-          row[k] = static_cast<scalar_t>(a * static_cast<acc_t>(g[k]) + coef * x + scaled * u[k]);
-        }
-        write_row(gv, row.data(), h * sizeof(scalar_t), stream);
       }
   }
   finish_rows();

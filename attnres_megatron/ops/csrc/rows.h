@@ -51,18 +51,18 @@ inline int64_t tile_rows(int64_t row_bytes, int64_t streams) {
   return std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, row_bytes * streams));
 }
 
-// ss = v . v and dot = u . v over one row of h, in one pass (statistics in acc_t).
+// The logit u . v / rms(v) of one row of h, in one pass over it; its inverse RMS in r (statistics in acc_t).
 template <typename scalar_t, typename acc_t>
-inline void row_stats(const scalar_t* v, const acc_t* u, int64_t h, acc_t& ss, acc_t& dot) {
-  acc_t s = 0, d = 0;
-  #pragma omp simd reduction(+:s, d)
+inline acc_t row_logit(const scalar_t* v, const acc_t* u, int64_t h, double eps, acc_t& r) {
+  acc_t ss = 0, dot = 0;
+  #pragma omp simd reduction(+:ss, dot)
   for (int64_t k = 0; k < h; ++k) {
     const acc_t x = static_cast<acc_t>(v[k]);
-    s += x * x;
-    d += x * u[k];
+    ss += x * x;
+    dot += x * u[k];
   }
-  ss = s;
-  dot = d;
+  r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
+  return dot * r;
 }
 
 // a . b over one row of h (statistics in acc_t).

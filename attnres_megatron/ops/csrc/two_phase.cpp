@@ -25,14 +25,10 @@ static void phase_one_rows(const std::vector<const scalar_t*>& blocks, const at:
       for (int64_t t = t0; t < t1; ++t) {
         prefetch_next_tile(blocks[i], t, R, end, h);
         const scalar_t* v = blocks[i] + t * h;
-        acc_t ss, dot;
-        row_stats(v, U, h, ss, dot);
-        const acc_t r = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
-        rinv[i * T + t] = r;
-        for (int64_t j = 0; j < S; ++j) {
-          if (j > 0) dot = row_dot<acc_t>(v, U + j * h, h);  // v from cache
-          logits[(j * nb + i) * T + t] = p[((t - t0) * S + j) * nb + i] = dot * r;
-        }
+        acc_t& r = rinv[i * T + t];
+        for (int64_t j = 0; j < S; ++j)  // the first pass also gives the inverse RMS; v from cache after it
+          logits[(j * nb + i) * T + t] = p[((t - t0) * S + j) * nb + i] =
+              j == 0 ? row_logit(v, U, h, eps, r) : row_dot<acc_t>(v, U + j * h, h) * r;
       }
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < S; ++j) {
@@ -85,10 +81,7 @@ static void phase_two_rows(const scalar_t* vp, const o_t* o, const at::opmath_ty
     if (vp != nullptr)  // the partial's logits first: one sequential run of its tile rows
       for (int64_t t = t0; t < t1; ++t) {
         prefetch_next_tile(vp, t, R, end, h);
-        acc_t ss, dot;
-        row_stats(vp + t * h, u, h, ss, dot);
-        rp[t] = acc_t(1) / std::sqrt(ss / h + static_cast<acc_t>(eps));
-        lp[t] = dot * rp[t];
+        lp[t] = row_logit(vp + t * h, u, h, eps, rp[t]);
       }
     for (int64_t t = t0; t < t1; ++t) {
       const o_t* ot = o + t * h;
