@@ -139,6 +139,36 @@ def test_later_readers_add_into_the_first_gradient(monkeypatch):
         assert block.grad is not None and block.grad.data_ptr() in seen[1][:2]
 
 
+def test_a_reader_returning_its_own_gradient_through_the_alias_is_added():
+    """A reader that takes a block's alias but returns its own gradient (a plain call): autograd
+    sums it for the alias and the collecting node adds it to the shared buffer (fp64, against
+    the reference; the other readers add in place)."""
+    blocks, partials, queries, gains, upstream = three_readers(torch.float64)
+    shared = [SharedGradient(b) for b in blocks]
+    aliases = [s.alias for s in shared]
+    total = 0
+    for index, (partial, query, gain, grad) in enumerate(zip(partials, queries, gains, upstream)):
+        if index == 1:  # the plain reader, between two in-place ones in backward
+            mixed = aggregate_reference([*aliases, partial], query, gain, EPS)
+        else:
+            mixed = aggregate_cpu_fused([*blocks, partial], query, gain, EPS, (*shared, None))
+        total = total + (mixed * grad).sum()
+    got = torch.autograd.grad(total, blocks)
+    want = torch.autograd.grad(
+        readers_of_two_blocks(
+            lambda sources, query, gain: aggregate_reference(sources, query, gain, EPS),
+            blocks,
+            partials,
+            queries,
+            gains,
+            upstream,
+        ),
+        blocks,
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_a_second_backward_of_a_kept_graph_starts_from_zero():
     blocks, partials, queries, gains, upstream = three_readers(torch.float64)
     shared = [SharedGradient(b) for b in blocks]

@@ -66,8 +66,8 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     :class:`SharedGradient` gets its gradient added to the shared buffer, not returned."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *inputs: Tensor) -> Tensor:
-        sources = keep_for_backward(ctx, shared, inputs)
+    def forward(ctx, query: Tensor, gain: Tensor, eps: float, shared: tuple, *sources: Tensor) -> Tensor:
+        keep_for_backward(ctx, shared)
         out, logits, inv_rms = fused_forward(sources, query, gain, eps)
         ctx.save_for_backward(query, gain, logits, inv_rms, *sources)
         return out
@@ -107,5 +107,5 @@ def aggregate_cpu_fused(
         raise ValueError("AttnRes aggregation needs at least one source.")
     if not torch.is_grad_enabled():
         return fused_forward(sources, query, gain, eps)[0]
-    shared, tokens = shared_inputs(sources, shared)
-    return CpuFusedAttnResAggregate.apply(query, gain, eps, shared, *sources, *tokens)
+    shared, inputs = shared_inputs(sources, shared)
+    return CpuFusedAttnResAggregate.apply(query, gain, eps, shared, *inputs)

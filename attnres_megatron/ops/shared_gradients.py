@@ -2,7 +2,8 @@
 
 A completed block is read by every later sublayer; instead of one fresh gradient per reader that
 autograd then adds (a write, then two reads and a write per reader), each reader's backward kernel
-adds its part into one buffer per block (one read-modify-write), the first to run writing it. The
+adds its part into one buffer per block (one read-modify-write), the first to run writing it.
+Readers take the block through an alias whose autograd node hands the buffer on. The
 C++ kernels (CPU) and the Triton kernels (GPU) both take such buffers; which runs is decided in
 :mod:`attnres_megatron.ops.dispatch` (:func:`~attnres_megatron.ops.dispatch.sums_gradients_in_place`).
 """
@@ -33,48 +34,54 @@ class SharedGradient:
     """The gradient of one tensor that several aggregations read (a completed block), summed in
     place by their backward kernels instead of one fresh tensor per reader that autograd then adds.
 
-    Readers take :attr:`token` as an extra input; autograd therefore runs the collecting node's
-    backward only after every reader's backward of that pass, and it hands the sum on as the
-    tensor's gradient (other gradients of the tensor are still added by autograd). The node
-    holds only the :class:`GradientBuffer`, not this object or its token, so no reference cycle
-    keeps the graph alive after the step.
+    Readers take :attr:`alias` (a view of the tensor made by the collecting node) in the tensor's
+    place and return no gradient for it; autograd therefore runs the collecting node's backward
+    only after every reader's backward of that pass (each reader holds an edge to it), and that
+    node hands on the sum as the tensor's gradient (plus whatever gradient autograd summed for the
+    alias from readers that return their own). The node holds only the :class:`GradientBuffer`,
+    not this object, so no reference cycle keeps the graph alive after the step.
     """
 
     def __init__(self, tensor: Tensor) -> None:
         self.gradient = GradientBuffer()
-        self.token = _CollectGradient.apply(self.gradient, tensor)
+        self.alias = _CollectGradient.apply(self.gradient, tensor)
 
 
 class _CollectGradient(torch.autograd.Function):
-    """Forward: a scalar token; backward: the shared gradient, once every reader added its part."""
+    """Forward: a view of the tensor; backward: the shared gradient, once every reader added its part."""
 
     @staticmethod
     def forward(ctx, gradient: GradientBuffer, tensor: Tensor) -> Tensor:
         ctx.gradient = gradient
-        return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+        ctx.set_materialize_grads(False)  # readers return None: no zero tensor made for them
+        return tensor.view_as(tensor)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, _token_grad: Tensor):
-        return None, ctx.gradient.take()
+    def backward(ctx, returned: Optional[Tensor]):
+        summed = ctx.gradient.take()
+        if summed is None or returned is None:
+            return None, returned if summed is None else summed
+        return None, summed.add_(returned)
 
 
 def shared_inputs(
     sources: Sequence[Tensor], shared: Optional[Sequence[Optional[SharedGradient]]]
 ) -> tuple[tuple[Optional[SharedGradient], ...], list[Tensor]]:
-    """``shared`` as one entry per source, and the tokens a reader takes as extra inputs."""
-    shared = tuple(shared) if shared is not None else (None,) * len(sources)
+    """``shared`` as one entry per source, and the inputs a reader takes: each shared source's
+    alias in its place."""
+    if shared is None:
+        return (None,) * len(sources), list(sources)
+    shared = tuple(shared)
     if len(shared) != len(sources):
         raise ValueError(f"shared gradients: {len(shared)} entries for {len(sources)} sources.")
-    return shared, [sh.token for sh in shared if sh is not None]
+    return shared, [source if sh is None else sh.alias for source, sh in zip(sources, shared)]
 
 
-def keep_for_backward(ctx, shared: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Record on a reader's ``ctx`` its buffers (not the tokens: no reference cycle) and its token
-    count; returns its sources, the first ``len(shared)`` of ``inputs`` (the tokens follow)."""
+def keep_for_backward(ctx, shared: tuple) -> None:
+    """Record on a reader's ``ctx`` the buffers of its shared sources (not the
+    :class:`SharedGradient` objects: no reference cycle)."""
     ctx.shared = tuple(None if sh is None else sh.gradient for sh in shared)
-    ctx.num_tokens = len(inputs) - len(shared)
-    return inputs[: len(shared)]
 
 
 def targets(kept: Sequence[Optional[GradientBuffer]]) -> list[Optional[Tensor]]:
@@ -85,16 +92,14 @@ def targets(kept: Sequence[Optional[GradientBuffer]]) -> list[Optional[Tensor]]:
 def reader_gradients(
     ctx, grads: Sequence[Optional[Tensor]], needs: Sequence[bool], sources: Sequence[Tensor]
 ) -> list[Optional[Tensor]]:
-    """What a reader's backward returns for its sources and tokens: the shared sources' gradients
-    stay in their buffers (None for autograd), the others' where needed in their sources' dtypes,
-    zeros for the tokens."""
+    """What a reader's backward returns for its sources: the shared sources' gradients stay in
+    their buffers (None for autograd), the others' where needed in their sources' dtypes."""
     returned = []
     for grad, need, buffer, source in zip(grads, needs, ctx.shared, sources):
-        if buffer is not None:
+        if buffer is not None and grad is not None:
             buffer.buffer = grad
-        returned.append(like(grad, source) if need and buffer is None else None)
-    zero = torch.zeros((), dtype=sources[0].dtype, device=sources[0].device)
-    return returned + [zero] * ctx.num_tokens
+        returned.append(like(grad, source) if need and buffer is None and grad is not None else None)
+    return returned
 
 
 def like(grad: Tensor, source: Tensor) -> Tensor:

@@ -370,10 +370,10 @@ class FusedAttnResAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, shared: tuple, *inputs: Tensor
+        ctx, query: Tensor, gain: Tensor, eps: float, block_h: int | None, shared: tuple, *sources: Tensor
     ) -> Tensor:
         kernels = _kernels()
-        sources = shared_gradients.keep_for_backward(ctx, shared, inputs)
+        shared_gradients.keep_for_backward(ctx, shared)
         dtype = sources[0].dtype
         if dtype == torch.float64:
             raise TypeError("aggregate_fused supports fp32/bf16/fp16 sources; use aggregate() for fp64.")
@@ -508,5 +508,5 @@ def aggregate_fused(
     if len(sources) > MAX_SOURCES:
         raise ValueError(f"aggregate_fused supports at most {MAX_SOURCES} sources, got {len(sources)}.")
     require_triton()
-    shared, tokens = shared_gradients.shared_inputs(sources, shared)
-    return FusedAttnResAggregate.apply(query, gain, eps, block_h, shared, *sources, *tokens)
+    shared, inputs = shared_gradients.shared_inputs(sources, shared)
+    return FusedAttnResAggregate.apply(query, gain, eps, block_h, shared, *inputs)
