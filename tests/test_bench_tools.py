@@ -98,3 +98,47 @@ def test_bench_kernel_calls_times_every_mix_of_a_step(single_rank, tools_path, t
     for row in result["rows"]:
         assert row["median_us"] > 0
         assert ("outside_step_median_us" in row) == (row["kernel"] == "fused_forward")
+
+
+def test_bench_kernel_variants_alternates_two_builds_on_cold_inputs(monkeypatch, tools_path, tmp_path):
+    """An A / A run (both variants the package's sources: one cached library): every pass timed
+    each round, bandwidths from the bytes each pass must move, ratios from the paired rounds."""
+    from attnres_megatron.ops import cpu_extension
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    bench = load_tool("bench_kernel_variants")
+    seq, hidden, n, rounds = 16, 32, 3, 3
+    package = str(cpu_extension.CSRC)
+    args = ["--a", package, "--b", package, "--seq", str(seq), "--hidden", str(hidden)]
+    args += ["--sources", str(n), "--rounds", str(rounds), "--warmup", "1", "--cold-bytes", "4096"]
+    result = bench.main([*args, "--output", str(tmp_path / "variants.json")])
+    assert json.loads((tmp_path / "variants.json").read_text()) == json.loads(json.dumps(result))
+    rows = {(row["variant"], row["pass"]): row for row in result["rows"]}
+    assert set(rows) == {
+        ("a", "forward"),
+        ("a", "backward"),
+        ("b", "forward"),
+        ("b", "backward"),
+        ("-", "copy"),
+        ("-", "add"),
+    }
+    moved = {"forward": n + 1, "backward": 2 * n + 1, "copy": 2, "add": 3}  # [T, h] tensors read or written
+    for (_, name), row in rows.items():
+        assert len(row["samples_ms"]) == rounds
+        assert row["gbs"] == pytest.approx(moved[name] * seq * hidden * 4 / (row["median_ms"] * 1e-3) / 1e9)
+    for name in ("forward", "backward"):
+        paired = [b / a for a, b in zip(rows["a", name]["samples_ms"], rows["b", name]["samples_ms"])]
+        assert result["ratio_b_to_a"][name]["median"] == pytest.approx(sorted(paired)[rounds // 2])
+    with pytest.raises(SystemExit):
+        bench.main(["--a", package, "--b", str(tmp_path / "missing")])
+
+
+def test_kernel_sources_take_a_variant_directorys_files(tmp_path):
+    """A variant directory replaces the package's files it holds (and only those): another library."""
+    from attnres_megatron.ops import cpu_extension
+
+    (tmp_path / "rows.h").write_text("// a variant header\n")
+    texts = cpu_extension.read_sources(tmp_path)
+    assert texts[0] == "// a variant header\n"
+    assert texts[1:] == cpu_extension.read_sources()[1:]
+    assert cpu_extension.library_path(overrides=tmp_path) != cpu_extension.library_path()

@@ -47,20 +47,31 @@ def default_build_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
-def read_sources() -> list[str]:
-    """The texts compiled, in order."""
-    return [(CSRC / name).read_text() for name in SOURCES]
+def read_sources(overrides: Optional[Path] = None) -> list[str]:
+    """The texts compiled, in order; a file of :data:`SOURCES` present in ``overrides`` (a
+    directory: a kernel variant under test, e.g. ``tools/bench_kernel_variants.py``) replaces
+    the package's."""
+    paths = [
+        Path(overrides) / name if overrides and (Path(overrides) / name).is_file() else CSRC / name
+        for name in SOURCES
+    ]
+    return [path.read_text() for path in paths]
 
 
-def library_path(build_root: Optional[Path] = None) -> Path:
+def library_path(build_root: Optional[Path] = None, overrides: Optional[Path] = None) -> Path:
     """Where the library for these sources, flags and this CPU lives (``<root>/<name>/<name>.so``)."""
-    name = f"{NAME}_{cache_key(read_sources(), FUNCTIONS, CFLAGS, LDFLAGS)[:16]}"
+    name = f"{NAME}_{cache_key(read_sources(overrides), FUNCTIONS, CFLAGS, LDFLAGS)[:16]}"
     return Path(build_root or default_build_root()) / name / f"{name}{LIBRARY_SUFFIX}"
 
 
-def load_cpu_extension(build_root: Optional[Path] = None, lock_timeout: float = BUILD_LOCK_TIMEOUT_S) -> Any:
-    """The verified kernels from ``build_root``, (re)built under the directory's lock when unverified."""
-    library = library_path(build_root)
+def load_cpu_extension(
+    build_root: Optional[Path] = None,
+    lock_timeout: float = BUILD_LOCK_TIMEOUT_S,
+    overrides: Optional[Path] = None,
+) -> Any:
+    """The verified kernels from ``build_root``, (re)built under the directory's lock when
+    unverified; ``overrides``: see :func:`read_sources` (each variant is its own library and module)."""
+    library = library_path(build_root, overrides)
     directory, name = library.parent, library.parent.name
     with build_lock(directory, lock_timeout):
         reason = unverified_reason(library)
@@ -72,7 +83,7 @@ def load_cpu_extension(build_root: Optional[Path] = None, lock_timeout: float = 
         if library.exists():
             say(f"not loading {library}: {reason}; rebuilding it")
         clear_directory(directory, keep={LOCK_NAME})
-        module = compile_library(name, read_sources(), directory)
+        module = compile_library(name, read_sources(overrides), directory)
         record_digest(library)
         return module
 
