@@ -61,6 +61,26 @@ def test_bench_step_ratios_come_from_the_same_run(single_rank, tools_path):
     )
 
 
+def test_bench_step_mix_floors_replace_every_mix_of_their_steps_only(single_rank, tools_path, monkeypatch):
+    from attnres_megatron.layers.depth_attention import DepthAttention
+
+    bench = load_tool("bench_step")
+    calls = []
+    identity = bench.MIX_FLOORS["identity"]
+    monkeypatch.setitem(
+        bench.MIX_FLOORS, "identity", lambda module, sources: calls.append(1) or identity(module, sources)
+    )
+    original = DepthAttention.forward
+    result = bench.main(
+        [*TINY, "--steps", "2", "--warmup", "1", "--impls", "auto", "--variants", "block", "--mix-floors"]
+    )
+    assert DepthAttention.forward is original
+    impls = {row["impl"] for row in result["rows"] if row["variant"] == "block"}
+    assert impls == {"auto", "floor:identity", "floor:scaled-copy"}
+    layers = int(TINY[TINY.index("--layers") + 1])
+    assert len(calls) == 3 * (2 * layers + 1)  # every sublayer's mix and the output's, in 3 steps
+
+
 def test_bench_fast_ops_times_the_cpu_fused_kernels(monkeypatch, tools_path):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bench = load_tool("bench_fast_ops")

@@ -8,7 +8,9 @@ to the baseline (of the whole step, and of forward+backward alone, which leaves 
 optimizer step's noise) as the median of the per-round ratios (each variant's step divided by the
 baseline's step of the same round) with their minimum and maximum, so a drift of the machine
 shows as spread instead of bias. AttnRes variants run with each ``--impls`` aggregation
-(``auto``, the default, is what a user gets without the flag).
+(``auto``, the default, is what a user gets without the flag). With ``--mix-floors`` each AttnRes
+variant is also timed with its depth mixes replaced by stand-ins (:data:`MIX_FLOORS`): the last
+source passed on, or one scaled copy of it, which shows what the step costs besides the aggregation.
 
 Example::
 
@@ -58,8 +60,40 @@ def make_step(model: torch.nn.Module, batch, device: torch.device) -> Callable[[
     return step
 
 
-def variants(impls: list[str], kinds: list[str]) -> list[tuple[str, str]]:
+MIX_FLOORS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
+    # The depth state's bookkeeping alone: the last source passed on (the mix's parameters get
+    # no gradient, so the optimizer skips them).
+    "identity": lambda module, sources: sources[-1],
+    # One elementwise pass per mix, with a gradient (zero) for its parameters.
+    "scaled-copy": lambda module, sources: (
+        sources[-1] * (1 + 0 * (module.pseudo_query * module.key_gain).sum())
+    ),
+}
+"""``--mix-floors``: stand-ins for the depth mix (``impl`` ``floor:<name>``) that show what an AttnRes
+step costs besides the aggregation itself."""
+FLOOR = "floor:"
+
+
+def variants(impls: list[str], kinds: list[str], floors: bool = False) -> list[tuple[str, str]]:
+    impls = impls + ([FLOOR + name for name in MIX_FLOORS] if floors else [])
     return [("baseline", "torch")] + [(kind, impl) for kind in kinds for impl in impls]
+
+
+def with_mix_floor(step: Callable[[], tuple[float, float]], name: str) -> Callable[[], tuple[float, float]]:
+    """``step`` with every depth mix replaced by the floor ``name`` (the model built with ``torch``)."""
+    from attnres_megatron.layers.depth_attention import DepthAttention
+
+    floor = MIX_FLOORS[name]
+
+    def floored() -> tuple[float, float]:
+        original = DepthAttention.forward
+        DepthAttention.forward = lambda module, sources, mix=None: floor(module, sources)
+        try:
+            return step()
+        finally:
+            DepthAttention.forward = original
+
+    return floored
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -152,6 +186,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "ATen op, the self time per step of each variant minus the baseline's",
     )
     parser.add_argument("--op-profile-rows", type=int, default=12, help="ops listed per variant")
+    parser.add_argument(
+        "--mix-floors",
+        action="store_true",
+        help="also time each AttnRes variant with its depth mixes replaced by stand-ins "
+        f"({', '.join(MIX_FLOORS)}: impl floor:<name>): what the step costs besides the aggregation",
+    )
     args = parser.parse_args(argv)
 
     # Subnormal floats make CPU arithmetic erratically slow (seconds per step in whichever
@@ -162,11 +202,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     init_single_process(args.device)
     batch = proxy_batch(shape, args.device)
     steps = {}
-    for variant, impl in variants(impls, args.variants):
-        config = proxy_config(variant, shape, impl=impl, dtype=args.dtype)
-        steps[variant, impl] = make_step(
-            build_proxy(config, shape, args.device), batch, torch.device(args.device)
-        )
+    for variant, impl in variants(impls, args.variants, args.mix_floors):
+        floor = impl.removeprefix(FLOOR) if impl.startswith(FLOOR) else None
+        config = proxy_config(variant, shape, impl="torch" if floor else impl, dtype=args.dtype)
+        step = make_step(build_proxy(config, shape, args.device), batch, torch.device(args.device))
+        steps[variant, impl] = with_mix_floor(step, floor) if floor else step
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in steps}
     for index in range(args.warmup + args.steps):
         for key, step in steps.items():
