@@ -36,7 +36,6 @@ from attnres_megatron.ops.cpu_extension import load_cpu_extension
 from attnres_megatron.ops.cpu_fused import GRAD_CHUNKS, NO_TENSOR
 
 EPS = 1e-6
-PASSES = ("forward", "backward", "copy", "add")
 
 
 def pass_tensors(n: int) -> dict[str, int]:

@@ -51,10 +51,8 @@ def read_sources(overrides: Optional[Path] = None) -> list[str]:
     """The texts compiled, in order; a file of :data:`SOURCES` present in ``overrides`` (a
     directory: a kernel variant under test, e.g. ``tools/bench_kernel_variants.py``) replaces
     the package's."""
-    paths = [
-        Path(overrides) / name if overrides and (Path(overrides) / name).is_file() else CSRC / name
-        for name in SOURCES
-    ]
+    variant = Path(overrides) if overrides else None
+    paths = [variant / name if variant and (variant / name).is_file() else CSRC / name for name in SOURCES]
     return [path.read_text() for path in paths]
 
 

@@ -77,7 +77,7 @@ class CpuFusedAttnResAggregate(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         query, gain, logits, inv_rms, *sources = ctx.saved_tensors
         dtype = sources[0].dtype
-        needs = [bool(ctx.needs_input_grad[4 + i]) for i in range(len(ctx.shared))]
+        needs = list(ctx.needs_input_grad[4:])  # one per source
         *grads, grad_query, grad_gain = cpu_extension().fused_backward(
             [kernel_rows(s, dtype) for s in sources],
             kernel_rows(grad_out, dtype),

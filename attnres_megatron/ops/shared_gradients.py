@@ -96,9 +96,9 @@ def reader_gradients(
     their buffers (None for autograd), the others' where needed in their sources' dtypes."""
     returned = []
     for grad, need, buffer, source in zip(grads, needs, ctx.shared, sources):
-        if buffer is not None and grad is not None:
+        if buffer is not None:
             buffer.buffer = grad
-        returned.append(like(grad, source) if need and buffer is None and grad is not None else None)
+        returned.append(like(grad, source) if need and buffer is None else None)
     return returned
 
 

@@ -466,7 +466,7 @@ class FusedAttnResAggregate(torch.autograd.Function):
         du = du_partial.sum(dim=0)  # fixed-order reduction: deterministic
         grad_query = (du * gain.float()).to(query.dtype)
         grad_gain = (du * query.float()).to(gain.dtype)
-        needs = [bool(ctx.needs_input_grad[5 + i]) for i in range(n)]
+        needs = list(ctx.needs_input_grad[5:])  # one per source
         return (
             grad_query,
             grad_gain,
